@@ -1,0 +1,95 @@
+package config
+
+import (
+	"time"
+)
+
+// TLSMode says how TLS is used on a connection.
+type TLSMode string
+
+// TLS modes for listeners and backends.
+const (
+	TLSNone     TLSMode = "none"     // plaintext only
+	TLSStartTLS TLSMode = "starttls" // plaintext, upgraded by STARTTLS/STLS
+	TLSImplicit TLSMode = "implicit" // TLS from the first byte
+)
+
+// Duration is a time.Duration written in TOML as a Go duration string ("15m", "30s").
+type Duration struct{ time.Duration }
+
+// Config is the whole usher configuration file.
+type Config struct {
+	// Path is the absolute path of the file the Config was loaded from ("" if
+	// unknown). Relative paths in the file are resolved against its directory.
+	Path string `toml:"-"`
+	// defaulted records that ApplyDefaults ran once; see ApplyDefaults.
+	defaulted bool
+
+	// UserExpire is how long a user record lives after the user's last session closed.
+	UserExpire Duration `toml:"user_expire"` // default 15m
+	// Routing is the hash algorithm for users without a record: "rendezvous" (default) or "dovecot".
+	Routing string `toml:"routing"`
+	// HashTemplate is expanded from the login name to the string that is hashed
+	// and that keys user records: %u, %Lu (default), %n, %Ln, %d, %Ld.
+	HashTemplate string `toml:"hash_template"`
+	// TrustedNetworks (CIDRs, or single IPs meaning /32 or /128) may log in with
+	// plaintext passwords without TLS. See TrustedPrefixes.
+	TrustedNetworks []string `toml:"trusted_networks"`
+	// MaxLiteral caps an IMAP literal before login, in bytes (default 8192).
+	MaxLiteral int `toml:"max_literal"`
+
+	Admin    Admin     `toml:"admin"`
+	Timeouts Timeouts  `toml:"timeouts"`
+	IMAP     Service   `toml:"imap"`
+	POP3     Service   `toml:"pop3"`
+	Backends []Backend `toml:"backend"`
+}
+
+// Admin configures the local admin socket that the CLI talks to.
+type Admin struct {
+	// Socket is the path of the UNIX admin socket (mode 0600). Default "usher-admin.sock"
+	// next to the config file; a relative path is relative to the config file's directory.
+	Socket string `toml:"socket"`
+}
+
+// Timeouts bound every wait of a session.
+type Timeouts struct {
+	PreLoginIdle   Duration `toml:"pre_login_idle"`  // default 60s: idle time allowed before login
+	BackendConnect Duration `toml:"backend_connect"` // default 5s
+	BackendLogin   Duration `toml:"backend_login"`   // default 30s: greeting..tagged login answer
+}
+
+// Service configures one protocol (IMAP or POP3): its listeners, limits and backend side.
+type Service struct {
+	Listeners []Listener `toml:"listener"`
+	// MaxSessions caps open sessions of this service (0 = unlimited; default 10000).
+	MaxSessions int `toml:"max_sessions"`
+	// MaxSessionsPerIP caps open sessions per client IP (0 = unlimited; default 50).
+	MaxSessionsPerIP int `toml:"max_sessions_per_ip"`
+	// BackendPort is the backend's port (default 143 for IMAP, 110 for POP3).
+	BackendPort int `toml:"backend_port"`
+	// BackendTLS is how usher talks TLS to the backend (default none). With
+	// starttls the protocol code upgrades the connection; with implicit, TLS
+	// starts at connect.
+	BackendTLS TLSMode `toml:"backend_tls"`
+	// BackendTLSVerify checks the backend certificate (default true). BackendCA is a PEM
+	// file of roots to trust instead of the system pool (only with backend_tls
+	// starttls or implicit). See BackendTLSConfig.
+	BackendTLSVerify *bool  `toml:"backend_tls_verify"`
+	BackendCA        string `toml:"backend_ca"`
+}
+
+// Listener is one address a service accepts clients on.
+type Listener struct {
+	Address string  `toml:"address"` // host:port
+	TLS     TLSMode `toml:"tls"`     // default none
+	Cert    string  `toml:"cert"`    // PEM certificate chain, needed for starttls/implicit (only then)
+	Key     string  `toml:"key"`     // PEM private key, likewise
+}
+
+// Backend is one mail server users are routed to.
+type Backend struct {
+	Address string `toml:"address"` // IP address, no port, no host name (ports come from the service)
+	Weight  *int   `toml:"weight"`  // 0..1000, default 100 (never nil after ApplyDefaults); 0 drains
+	Tag     string `toml:"tag"`     // pool name, [A-Za-z0-9_.-]{0,64}; "" is the default pool
+}

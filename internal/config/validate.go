@@ -1,0 +1,376 @@
+package config
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Limits checked by Validate.
+const (
+	MaxMaxLiteral    = 16 << 20 // max_literal upper bound, 16 MiB
+	MaxBackendWeight = 1000     // the dovecot ring puts weight points per backend
+	MaxTagLen        = 64
+	// maxSocketPath is the longest UNIX socket path Linux accepts
+	// (sun_path is 108 bytes including the terminating NUL, unix(7)).
+	maxSocketPath = 107
+)
+
+// Validate checks the whole configuration, including that certificate, key
+// and CA files load. It returns every problem found, joined with
+// errors.Join, each starting with the key it is about. Call it after
+// ApplyDefaults (Load and Parse apply defaults).
+func (c *Config) Validate() error {
+	return c.validate(true)
+}
+
+// validator collects problems.
+type validator struct {
+	errs []error
+}
+
+func (v *validator) add(key, format string, args ...any) {
+	v.errs = append(v.errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+}
+
+func (v *validator) wrap(key, what string, err error) {
+	v.errs = append(v.errs, fmt.Errorf("%s: %s: %w", key, what, err))
+}
+
+// validate is Validate; checkFiles=false skips the checks that read files,
+// so that a config can be validated on a host without its certificates.
+func (c *Config) validate(checkFiles bool) error {
+	v := &validator{}
+
+	if c.Routing != "rendezvous" && c.Routing != "dovecot" {
+		v.add("routing", "%q is not a routing algorithm (want \"rendezvous\" or \"dovecot\")", c.Routing)
+	}
+	if err := checkHashTemplate(c.HashTemplate); err != nil {
+		v.add("hash_template", "%v", err)
+	}
+	if c.UserExpire.Duration <= 0 {
+		v.add("user_expire", "must be greater than 0, got %s", c.UserExpire.Duration)
+	}
+	for _, t := range []struct {
+		key string
+		d   Duration
+	}{
+		{"timeouts.pre_login_idle", c.Timeouts.PreLoginIdle},
+		{"timeouts.backend_connect", c.Timeouts.BackendConnect},
+		{"timeouts.backend_login", c.Timeouts.BackendLogin},
+	} {
+		if t.d.Duration <= 0 {
+			v.add(t.key, "must be greater than 0, got %s", t.d.Duration)
+		}
+	}
+	if c.MaxLiteral < 1 || c.MaxLiteral > MaxMaxLiteral {
+		v.add("max_literal", "must be between 1 and %d (16 MiB), got %d", MaxMaxLiteral, c.MaxLiteral)
+	}
+	for i, s := range c.TrustedNetworks {
+		if _, err := parseTrusted(s); err != nil {
+			v.add(fmt.Sprintf("trusted_networks[%d]", i), "%v", err)
+		}
+	}
+	switch {
+	case c.Admin.Socket == "":
+		v.add("admin.socket", "must not be empty")
+	case len(c.Admin.Socket) > maxSocketPath:
+		v.add("admin.socket", "path %q is %d bytes, longer than the %d a UNIX socket allows",
+			c.Admin.Socket, len(c.Admin.Socket), maxSocketPath)
+	}
+
+	if !c.IMAP.Enabled() && !c.POP3.Enabled() {
+		v.add("imap.listener", "no listeners: configure at least one [[imap.listener]] or [[pop3.listener]]")
+	}
+	listening := map[string]string{} // normalized address -> key that listens on it
+	c.IMAP.validate(v, "imap", listening, checkFiles)
+	c.POP3.validate(v, "pop3", listening, checkFiles)
+
+	c.validateBackends(v)
+	return errors.Join(v.errs...)
+}
+
+func (s *Service) validate(v *validator, name string, listening map[string]string, checkFiles bool) {
+	for i, l := range s.Listeners {
+		key := fmt.Sprintf("%s.listener[%d]", name, i)
+		if norm, err := checkListenAddress(l.Address); err != nil {
+			v.add(key+".address", "%v", err)
+		} else if prev, dup := listening[norm]; dup {
+			v.add(key+".address", "%q is already used by %s", l.Address, prev)
+		} else {
+			listening[norm] = key
+		}
+		switch l.TLS {
+		case TLSNone:
+			if l.Cert != "" || l.Key != "" {
+				v.add(key+".tls", "cert and key are set but tls is \"none\"; set tls = \"starttls\" or \"implicit\", or remove them")
+			}
+		case TLSStartTLS, TLSImplicit:
+			missing := false
+			if l.Cert == "" {
+				v.add(key+".cert", "required with tls = %q", l.TLS)
+				missing = true
+			}
+			if l.Key == "" {
+				v.add(key+".key", "required with tls = %q", l.TLS)
+				missing = true
+			}
+			if !missing && checkFiles {
+				if _, err := tls.LoadX509KeyPair(l.Cert, l.Key); err != nil {
+					v.wrap(key+".cert", "load certificate and key", err)
+				}
+			}
+		default:
+			v.add(key+".tls", "%q is not a TLS mode (want \"none\", \"starttls\" or \"implicit\")", l.TLS)
+		}
+	}
+	if s.MaxSessions < 0 {
+		v.add(name+".max_sessions", "must be 0 (unlimited) or more, got %d", s.MaxSessions)
+	}
+	if s.MaxSessionsPerIP < 0 {
+		v.add(name+".max_sessions_per_ip", "must be 0 (unlimited) or more, got %d", s.MaxSessionsPerIP)
+	}
+	if s.BackendPort < 1 || s.BackendPort > 65535 {
+		v.add(name+".backend_port", "must be between 1 and 65535, got %d", s.BackendPort)
+	}
+	switch s.BackendTLS {
+	case TLSNone:
+		if s.BackendCA != "" {
+			v.add(name+".backend_ca", "is set but backend_tls is \"none\"")
+		}
+	case TLSStartTLS, TLSImplicit:
+		if s.BackendCA != "" && checkFiles {
+			if _, err := loadCertPool(s.BackendCA); err != nil {
+				v.wrap(name+".backend_ca", "load", err)
+			}
+		}
+	default:
+		v.add(name+".backend_tls", "%q is not a TLS mode (want \"none\", \"starttls\" or \"implicit\")", s.BackendTLS)
+	}
+}
+
+func (c *Config) validateBackends(v *validator) {
+	if len(c.Backends) == 0 {
+		v.add("backend", "no backends: configure at least one [[backend]]")
+	}
+	seen := map[netip.Addr]int{}
+	for i, b := range c.Backends {
+		key := fmt.Sprintf("backend[%d]", i)
+		if addr, err := checkBackendAddress(b.Address); err != nil {
+			v.add(key+".address", "%v", err)
+		} else if j, dup := seen[addr]; dup {
+			v.add(key+".address", "%q is the same backend as backend[%d]", b.Address, j)
+		} else {
+			seen[addr] = i
+		}
+		if b.Weight != nil && (*b.Weight < 0 || *b.Weight > MaxBackendWeight) {
+			v.add(key+".weight", "must be between 0 and %d, got %d", MaxBackendWeight, *b.Weight)
+		}
+		if err := checkTag(b.Tag); err != nil {
+			v.add(key+".tag", "%v", err)
+		}
+	}
+}
+
+// checkListenAddress checks a host:port listen address and returns it in a
+// normalized form for duplicate detection.
+func checkListenAddress(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		var ae *net.AddrError
+		if errors.As(err, &ae) {
+			return "", fmt.Errorf("%s %q (want host:port, e.g. \"0.0.0.0:143\")", ae.Err, addr)
+		}
+		return "", fmt.Errorf("%q: %w", addr, err)
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 1 || n > 65535 {
+		return "", fmt.Errorf("port %q in address %q must be a number between 1 and 65535", port, addr)
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		host = ip.Unmap().String()
+	} else {
+		host = strings.ToLower(host)
+	}
+	return net.JoinHostPort(host, strconv.Itoa(n)), nil
+}
+
+// checkBackendAddress parses a backend address, which must be a plain IP.
+func checkBackendAddress(s string) (netip.Addr, error) {
+	if s == "" {
+		return netip.Addr{}, errors.New("must not be empty")
+	}
+	addr, err := netip.ParseAddr(s)
+	if err != nil {
+		if _, _, herr := net.SplitHostPort(s); herr == nil {
+			return netip.Addr{}, fmt.Errorf("%q has a port; write the IP only, the port comes from imap.backend_port / pop3.backend_port", s)
+		}
+		return netip.Addr{}, fmt.Errorf("%q is not an IP address (host names are not allowed, write the IP)", s)
+	}
+	addr = addr.Unmap()
+	if addr.IsUnspecified() || addr.IsMulticast() {
+		return netip.Addr{}, fmt.Errorf("%q is not a unicast address", s)
+	}
+	return addr, nil
+}
+
+// parseTrusted parses a trusted_networks entry: a CIDR prefix or a single IP
+// (a /32 or /128). IPv4-mapped IPv6 addresses are unmapped.
+func parseTrusted(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix: %w", s, err)
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("%q is neither an IP address nor a CIDR prefix: %w", s, err)
+	}
+	if a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q: IPv6 zones are not allowed", s)
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+// checkHashTemplate checks a hash_template: literal text plus the variables
+// %u %Lu %n %Ln %d %Ld and %% (a literal %), with at least one variable.
+func checkHashTemplate(t string) error {
+	if t == "" {
+		return errors.New("must not be empty")
+	}
+	vars := 0
+	for i := 0; i < len(t); i++ {
+		if t[i] != '%' {
+			continue
+		}
+		rest := t[i+1:]
+		switch {
+		case strings.HasPrefix(rest, "%"):
+			i++
+		case len(rest) > 0 && strings.ContainsRune("und", rune(rest[0])):
+			vars++
+			i++
+		case len(rest) > 1 && rest[0] == 'L' && strings.ContainsRune("und", rune(rest[1])):
+			vars++
+			i += 2
+		case rest == "":
+			return fmt.Errorf("%q ends with a lone %%; write %%%% for a literal %%", t)
+		default:
+			bad := rest[:1]
+			if rest[0] == 'L' && len(rest) > 1 {
+				bad = rest[:2]
+			}
+			return fmt.Errorf("unknown variable %q at offset %d in %q (want %%u %%Lu %%n %%Ln %%d %%Ld or %%%%)", "%"+bad, i, t)
+		}
+	}
+	if vars == 0 {
+		return fmt.Errorf("%q uses no variable, so every user would hash the same (want %%u %%Lu %%n %%Ln %%d or %%Ld)", t)
+	}
+	return nil
+}
+
+// checkTag checks a backend tag: [A-Za-z0-9_.-]{0,64}.
+func checkTag(tag string) error {
+	if len(tag) > MaxTagLen {
+		return fmt.Errorf("%q is longer than %d characters", tag, MaxTagLen)
+	}
+	for _, r := range tag {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' ||
+			r == '_' || r == '.' || r == '-'
+		if !ok {
+			return fmt.Errorf("%q has %q; only letters, digits, '_', '.' and '-' are allowed", tag, r)
+		}
+	}
+	return nil
+}
+
+// TrustedPrefixes returns trusted_networks as prefixes, masked, single IPs as
+// /32 or /128, IPv4-mapped IPv6 unmapped. Entries that do not parse are
+// skipped: call it on a Config that passed Validate. Callers should Unmap
+// client addresses before calling Contains.
+func (c *Config) TrustedPrefixes() []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(c.TrustedNetworks))
+	for _, s := range c.TrustedNetworks {
+		if p, err := parseTrusted(s); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// Enabled reports whether the service has listeners.
+func (s Service) Enabled() bool {
+	return len(s.Listeners) > 0
+}
+
+// ServerTLS returns the server TLS configuration of a listener: nil, nil for
+// tls = "none"; otherwise its certificate, TLS 1.2 or newer.
+func (l Listener) ServerTLS() (*tls.Config, error) {
+	switch l.TLS {
+	case TLSNone, "":
+		return nil, nil
+	case TLSStartTLS, TLSImplicit:
+	default:
+		return nil, fmt.Errorf("listener %s: unknown tls mode %q", l.Address, l.TLS)
+	}
+	cert, err := tls.LoadX509KeyPair(l.Cert, l.Key)
+	if err != nil {
+		return nil, fmt.Errorf("listener %s: load certificate: %w", l.Address, err)
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS12,
+	}, nil
+}
+
+// BackendTLSConfig returns the client TLS configuration for connections to
+// backends: nil, nil for backend_tls = "none". RootCAs come from backend_ca
+// if set (else the system pool); backend_tls_verify = false skips
+// verification. Verification needs a ServerName: callers Clone the result
+// and set ServerName to the backend address for each connection.
+func (s Service) BackendTLSConfig() (*tls.Config, error) {
+	switch s.BackendTLS {
+	case TLSNone, "":
+		return nil, nil
+	case TLSStartTLS, TLSImplicit:
+	default:
+		return nil, fmt.Errorf("backend tls: unknown mode %q", s.BackendTLS)
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if s.BackendCA != "" {
+		pool, err := loadCertPool(s.BackendCA)
+		if err != nil {
+			return nil, fmt.Errorf("backend tls: load backend_ca: %w", err)
+		}
+		cfg.RootCAs = pool
+	}
+	if s.BackendTLSVerify != nil && !*s.BackendTLSVerify {
+		cfg.InsecureSkipVerify = true
+	}
+	return cfg, nil
+}
+
+// loadCertPool reads a PEM file of CA certificates.
+func loadCertPool(path string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s: no PEM certificates found", path)
+	}
+	return pool, nil
+}

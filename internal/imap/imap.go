@@ -1,0 +1,571 @@
+// Package imap is usher's IMAP front end: the pre-authentication state of an
+// IMAP server (RFC 9051 / RFC 3501) that learns the user's login name,
+// followed by the replay of the login to the user's backend and the splice of
+// the two connections.
+//
+// Invariants:
+//   - every client read has a deadline (Options.IdleTimeout), every line is
+//     capped by wire.DefaultMaxLine and every literal by Options.MaxLiteral;
+//     every backend read falls under the login deadline
+//     (BackendOptions.LoginTimeout) and a line cap;
+//   - a password is sent only on a secure or trusted connection
+//     (Session.PlaintextAllowed), is replayed to exactly one backend per
+//     attempt and never reaches a log line; command lines are never logged;
+//   - STARTTLS is refused when bytes were pipelined behind it, both from the
+//     client and from the backend (CVE-2011-0411 pattern);
+//   - a lease from the Director is released exactly once: right after a
+//     failed login attempt, or when the spliced session ends;
+//   - bad input gets a protocol-correct response; errors are mapped to
+//     responses in one place (replyFor).
+package imap
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/wire"
+)
+
+// Defaults for zero Options fields.
+const (
+	DefaultIdleTimeout  = 60 * time.Second
+	DefaultMaxLiteral   = 8192
+	DefaultLoginTimeout = 30 * time.Second
+)
+
+const (
+	// maxBadCommands ends a session that keeps sending invalid commands.
+	maxBadCommands = 10
+	// maxLoginFailures ends a session after that many rejected logins; each
+	// attempt costs a backend connection, so a client must not loop forever.
+	maxLoginFailures = 5
+	// maxIDPairs, maxIDKey and maxIDValue are RFC 2971 section 3.3's limits
+	// on ID parameters; parameters over them are dropped, not forwarded.
+	maxIDPairs = 30
+	maxIDKey   = 30
+	maxIDValue = 1024
+)
+
+// pastDeadline is a deadline in the past: it makes a blocked read return.
+var pastDeadline = time.Unix(1, 0)
+
+// Options configures the IMAP front end.
+type Options struct {
+	Director proxy.Director
+	Backend  proxy.BackendOptions
+	// IdleTimeout bounds each client read before login (default 60s).
+	IdleTimeout time.Duration
+	// MaxLiteral caps one literal before login, in bytes (default 8192).
+	MaxLiteral int
+}
+
+// Server serves IMAP sessions; it implements proxy.Handler.
+type Server struct {
+	o Options
+}
+
+// New returns a Server; zero Options fields get their defaults.
+func New(o Options) *Server {
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = DefaultIdleTimeout
+	}
+	if o.MaxLiteral <= 0 {
+		o.MaxLiteral = DefaultMaxLiteral
+	}
+	if o.Backend.LoginTimeout <= 0 {
+		o.Backend.LoginTimeout = DefaultLoginTimeout
+	}
+	return &Server{o: o}
+}
+
+var _ proxy.Handler = (*Server)(nil)
+
+// Serve runs the pre-login state machine on sess and, after a successful
+// login, splices client and backend. It returns the end reason.
+func (s *Server) Serve(ctx context.Context, sess *proxy.Session) (reason string) {
+	log := sess.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	c := &client{srv: s, sess: sess, raw: sess.Conn, log: log}
+	c.r = wire.NewReader(guardedConn{sess.Conn, ctx}, s.o.IdleTimeout, wire.DefaultMaxLine)
+	// Make a blocked read return when ctx ends; guardedConn keeps later
+	// deadlines in the past (the lead's server may also close the conn).
+	stop := context.AfterFunc(ctx, func() { _ = c.raw.SetReadDeadline(pastDeadline) })
+	c.stopWatch = stop
+	defer stop()
+	return c.run(ctx)
+}
+
+// guardedConn keeps read deadlines in the past once ctx has ended, so that a
+// deadline set by wire.Reader cannot undo the cancellation.
+type guardedConn struct {
+	net.Conn
+	ctx context.Context
+}
+
+func (g guardedConn) SetReadDeadline(t time.Time) error {
+	if g.ctx.Err() != nil {
+		t = pastDeadline
+	}
+	return g.Conn.SetReadDeadline(t)
+}
+
+// client is the state of one session before login.
+type client struct {
+	srv       *Server
+	sess      *proxy.Session
+	raw       net.Conn // the accepted connection, under any TLS layer
+	r         *wire.Reader
+	log       *slog.Logger
+	stopWatch func() bool
+
+	bad      int       // BAD responses so far
+	failures int       // rejected logins so far
+	clientID []idParam // the client's ID parameters (RFC 2971)
+}
+
+// idParam is one ID field/value pair; nil marks a NIL value.
+type idParam struct {
+	key   string
+	value *string
+}
+
+func (c *client) run(ctx context.Context) string {
+	if err := c.writeLine("* OK [CAPABILITY " + c.capabilities() + "] usher ready."); err != nil {
+		return replyFor(err).reason
+	}
+	for {
+		var err error
+		tag := ""
+		if ctx.Err() != nil {
+			err = errShutdown
+		} else {
+			var raw *rawCommand
+			raw, err = readCommand(c.r, c.srv.o.MaxLiteral, c.continueLiteral)
+			if raw != nil {
+				tag, _, _ = parseTag(raw.lines[0])
+			}
+			if err != nil {
+				err = c.readErr(ctx, err)
+			} else {
+				var cmd *command
+				cmd, err = parseCommand(raw)
+				if err == nil {
+					err = c.dispatch(ctx, cmd)
+				}
+			}
+		}
+		if err == nil {
+			continue
+		}
+		if reason, stop := c.fail(tag, err); stop {
+			return reason
+		}
+	}
+}
+
+// readErr classifies a client read error.
+func (c *client) readErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return errShutdown
+	}
+	return err
+}
+
+// fail answers err (tag is "" when unknown) and reports whether the session
+// ends, with its reason.
+func (c *client) fail(tag string, err error) (reason string, stop bool) {
+	rp := replyFor(err)
+	switch {
+	case rp.close && rp.status == "":
+		c.log.Debug("session ends", "reason", rp.reason, "err", err)
+	case rp.status == "NO":
+		c.log.Info("command refused", "err", err)
+	default:
+		c.log.Info("command rejected", "err", err)
+	}
+	if rp.status != "" {
+		if werr := c.writeLine(rp.format(tag)); werr != nil {
+			return replyFor(werr).reason, true
+		}
+	}
+	if rp.close {
+		return rp.reason, true
+	}
+	if rp.status == "BAD" {
+		c.bad++
+		if c.bad >= maxBadCommands {
+			return c.fail("", errTooManyBad)
+		}
+	}
+	return "", false
+}
+
+// writeLine sends one line and its CRLF to the client, with a deadline.
+func (c *client) writeLine(s string) error {
+	return c.write([]byte(s + "\r\n"))
+}
+
+func (c *client) write(b []byte) error {
+	conn := c.sess.Conn
+	if err := conn.SetWriteDeadline(time.Now().Add(c.srv.o.IdleTimeout)); err != nil {
+		return fmt.Errorf("%w: set write deadline: %w", errClientWrite, err)
+	}
+	if _, err := conn.Write(b); err != nil {
+		return fmt.Errorf("%w: %w", errClientWrite, err)
+	}
+	return nil
+}
+
+// continueLiteral sends the continuation request for a synchronizing
+// literal (RFC 9051 section 7.5).
+func (c *client) continueLiteral() error { return c.writeLine("+ Ready for literal data") }
+
+// capabilities lists what the pre-login state offers (RFC 9051 section
+// 7.2.2). Without TLS and trust, LOGINDISABLED replaces AUTH=PLAIN (RFC 9051
+// section 6.2.3); STARTTLS is offered only on starttls listeners before TLS.
+func (c *client) capabilities() string {
+	caps := []string{"IMAP4rev1", "SASL-IR", "LITERAL+", "ID"}
+	if c.sess.TLSMode == config.TLSStartTLS && c.sess.TLSConfig != nil && !c.sess.Secure {
+		caps = append(caps, "STARTTLS")
+	}
+	if c.sess.PlaintextAllowed() {
+		caps = append(caps, "AUTH=PLAIN")
+	} else {
+		caps = append(caps, "LOGINDISABLED")
+	}
+	return strings.Join(caps, " ")
+}
+
+// dispatch runs one command; a nil error means the command completed and
+// was answered.
+func (c *client) dispatch(ctx context.Context, cmd *command) error {
+	switch cmd.name {
+	case "CAPABILITY":
+		if len(cmd.args) != 0 {
+			return errArgs
+		}
+		return c.ok(cmd.tag, "Capability completed", "* CAPABILITY "+c.capabilities())
+	case "NOOP":
+		if len(cmd.args) != 0 {
+			return errArgs
+		}
+		return c.ok(cmd.tag, "NOOP completed")
+	case "LOGOUT":
+		if len(cmd.args) != 0 {
+			return errArgs
+		}
+		// RFC 9051 section 6.1.3: BYE, then the tagged OK.
+		if err := c.ok(cmd.tag, "Logout completed", "* BYE Logging out"); err != nil {
+			return err
+		}
+		return &sessionEnd{"logout"}
+	case "ID":
+		return c.cmdID(cmd)
+	case "STARTTLS":
+		return c.cmdStartTLS(ctx, cmd)
+	case "LOGIN":
+		return c.cmdLogin(ctx, cmd)
+	case "AUTHENTICATE":
+		return c.cmdAuthenticate(ctx, cmd)
+	}
+	if needsAuth(cmd.name) {
+		return errNeedAuth
+	}
+	return errUnknownCommand
+}
+
+// needsAuth reports whether name is a command of the authenticated or
+// selected state (RFC 9051 sections 6.3, 6.4, and common extensions).
+func needsAuth(name string) bool {
+	switch name {
+	case "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE", "UNSUBSCRIBE",
+		"LIST", "LSUB", "NAMESPACE", "STATUS", "APPEND", "IDLE", "ENABLE", "CHECK",
+		"CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "UID",
+		"GETQUOTA", "GETQUOTAROOT", "SETQUOTA", "GETACL", "SETACL", "DELETEACL",
+		"LISTRIGHTS", "MYRIGHTS", "GETMETADATA", "SETMETADATA", "COMPRESS", "NOTIFY",
+		"SORT", "THREAD", "UNAUTHENTICATE":
+		return true
+	}
+	return false
+}
+
+// ok sends the untagged lines, then the tagged OK.
+func (c *client) ok(tag, text string, untagged ...string) error {
+	var b []byte
+	for _, u := range untagged {
+		b = append(b, u...)
+		b = append(b, "\r\n"...)
+	}
+	b = append(b, tag+" OK "+text+"\r\n"...)
+	return c.write(b)
+}
+
+// cmdID handles ID (RFC 2971 section 3.1): remember the client's parameters
+// to pass them on to the backend, and answer with no information.
+func (c *client) cmdID(cmd *command) error {
+	if len(cmd.args) != 1 {
+		return errArgs
+	}
+	a := cmd.args[0]
+	var params []idParam
+	switch {
+	case a.isNil():
+	case a.kind == argList:
+		if len(a.list)%2 != 0 {
+			return errArgs
+		}
+		for i := 0; i < len(a.list); i += 2 {
+			k, v := a.list[i], a.list[i+1]
+			if !k.isAstring() || k.isNil() || !(v.isAstring() || v.isNil()) {
+				return errArgs
+			}
+			var val *string
+			if !v.isNil() {
+				val = &v.s
+			}
+			// Keys starting with "x-" are dropped: usher sets the
+			// x-originating-* ones itself, and backends trusting usher
+			// would honour client-supplied ones (Dovecot: x-forward-*).
+			if len(params) >= maxIDPairs || len(k.s) > maxIDKey || (val != nil && len(*val) > maxIDValue) ||
+				strings.HasPrefix(asciiUpper(k.s), "X-") || !quotable(k.s) || (val != nil && !quotable(*val)) {
+				continue
+			}
+			params = append(params, idParam{key: k.s, value: val})
+		}
+	default:
+		return errArgs
+	}
+	c.clientID = params
+	return c.ok(cmd.tag, "ID completed", "* ID NIL")
+}
+
+// cmdStartTLS handles STARTTLS (RFC 9051 section 6.2.1).
+func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
+	if len(cmd.args) != 0 {
+		return errArgs
+	}
+	if c.sess.Secure {
+		return errTLSActive
+	}
+	if c.sess.TLSMode != config.TLSStartTLS || c.sess.TLSConfig == nil {
+		return errNoTLS
+	}
+	if c.r.Buffered() > 0 {
+		return errTLSPipelined
+	}
+	if err := c.ok(cmd.tag, "Begin TLS negotiation now"); err != nil {
+		return err
+	}
+	tc := tls.Server(c.raw, c.sess.TLSConfig)
+	_ = c.raw.SetDeadline(time.Now().Add(c.srv.o.IdleTimeout))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		c.log.Info("tls handshake failed", "err", err)
+		return fmt.Errorf("%w: %w", errTLSHandshake, err)
+	}
+	c.sess.Conn, c.sess.Secure = tc, true
+	c.r = wire.NewReader(guardedConn{tc, ctx}, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
+	c.log.Debug("starttls done", "tls_version", tls.VersionName(tc.ConnectionState().Version))
+	return nil
+}
+
+// credentials is what the client gave to log in. It must never reach a log:
+// String and LogValue hide the password.
+type credentials struct {
+	mech     string // "LOGIN" or "PLAIN"
+	authzid  string // PLAIN only
+	authcid  string
+	password string
+}
+
+// user is the login name the backend is chosen for: the authorization
+// identity when one is given (a master user logging in as someone), else the
+// authentication identity (RFC 4616 section 2).
+func (cr *credentials) user() string {
+	if cr.authzid != "" {
+		return cr.authzid
+	}
+	return cr.authcid
+}
+
+func (cr *credentials) String() string       { return cr.mech + " " + cr.user() + " <password hidden>" }
+func (cr *credentials) GoString() string     { return cr.String() }
+func (cr *credentials) LogValue() slog.Value { return slog.StringValue(cr.String()) }
+
+// validUser refuses names that cannot be routed or logged sanely.
+func validUser(u string) bool {
+	if u == "" {
+		return false
+	}
+	for i := 0; i < len(u); i++ {
+		if u[i] < ' ' || u[i] == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// cmdLogin handles LOGIN (RFC 9051 section 6.2.3).
+func (c *client) cmdLogin(ctx context.Context, cmd *command) error {
+	if len(cmd.args) != 2 || !cmd.args[0].isAstring() || !cmd.args[1].isAstring() {
+		return errArgs
+	}
+	if !c.sess.PlaintextAllowed() {
+		return errPrivacy
+	}
+	cr := &credentials{mech: "LOGIN", authcid: cmd.args[0].s, password: cmd.args[1].s}
+	if !validUser(cr.authcid) || cr.password == "" {
+		return errCredentials
+	}
+	return c.login(ctx, cmd.tag, cr)
+}
+
+// cmdAuthenticate handles AUTHENTICATE PLAIN (RFC 9051 section 6.2.2, RFC
+// 4616), with an initial response (RFC 4959) or after a continuation.
+func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
+	if len(cmd.args) < 1 || len(cmd.args) > 2 || cmd.args[0].kind != argAtom {
+		return errArgs
+	}
+	if asciiUpper(cmd.args[0].s) != "PLAIN" {
+		return errMechanism
+	}
+	if !c.sess.PlaintextAllowed() {
+		return errPrivacy
+	}
+	var resp string
+	if len(cmd.args) == 2 {
+		ir := cmd.args[1]
+		if !ir.isAstring() {
+			return errArgs
+		}
+		resp = ir.s
+		if resp == "=" { // RFC 4959 section 3: an empty initial response
+			resp = ""
+		}
+	} else {
+		// RFC 9051 section 6.2.2: an empty challenge, then one line.
+		if err := c.writeLine("+ "); err != nil {
+			return err
+		}
+		line, err := c.r.ReadLine()
+		if err != nil {
+			return c.readErr(ctx, err)
+		}
+		if string(line) == "*" {
+			return errCanceled
+		}
+		resp = string(line)
+	}
+	msg, err := decodeBase64(resp)
+	if err != nil {
+		return err
+	}
+	cr, err := decodePlain(msg)
+	if err != nil {
+		return err
+	}
+	return c.login(ctx, cmd.tag, cr)
+}
+
+// decodeBase64 decodes a SASL response (RFC 4648 section 4); padding is
+// optional because some clients omit it.
+func decodeBase64(s string) ([]byte, error) {
+	enc := base64.StdEncoding
+	if len(s)%4 != 0 {
+		enc = base64.RawStdEncoding
+	}
+	b, err := enc.Strict().DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errBase64, err)
+	}
+	return b, nil
+}
+
+// decodePlain splits a PLAIN message: [authzid] NUL authcid NUL passwd (RFC
+// 4616 section 2).
+func decodePlain(msg []byte) (*credentials, error) {
+	parts := strings.Split(string(msg), "\x00")
+	if len(parts) != 3 {
+		return nil, fmt.Errorf("%w: PLAIN message needs 3 fields", errCredentials)
+	}
+	cr := &credentials{mech: "PLAIN", authzid: parts[0], authcid: parts[1], password: parts[2]}
+	if !validUser(cr.authcid) || cr.password == "" || (cr.authzid != "" && !validUser(cr.authzid)) {
+		return nil, fmt.Errorf("%w: empty or invalid PLAIN field", errCredentials)
+	}
+	return cr, nil
+}
+
+// login runs one login attempt: acquire the user's backend, replay the login
+// there and relay the answer. On success it splices the connections and
+// returns the sessionEnd; on a rejected login it returns nil (the client may
+// retry); an unusable backend yields errUnavailable.
+func (c *client) login(ctx context.Context, tag string, cr *credentials) error {
+	start := time.Now()
+	user := cr.user()
+	c.sess.User = user
+	log := c.log.With("user", user)
+	lease, err := c.srv.o.Director.Acquire(ctx, user)
+	if err != nil {
+		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
+		return fmt.Errorf("%w: acquire: %w", errUnavailable, err)
+	}
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			lease.Release()
+		}
+	}
+	defer release()
+	addr := c.srv.o.Backend.Addr(lease.Backend)
+	c.sess.Backend = addr
+	log = log.With("backend", addr)
+
+	b, final, err := c.backendLogin(ctx, tag, lease, cr)
+	if err != nil {
+		c.sess.Backend = ""
+		if ctx.Err() != nil {
+			return errShutdown
+		}
+		if errors.Is(err, errClientWrite) {
+			return err
+		}
+		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
+		return fmt.Errorf("%w: %w", errUnavailable, err)
+	}
+	// The backend's tagged answer goes to the client under the client's tag.
+	answer := append(append([]byte(tag), final.rest...), "\r\n"...)
+	if final.status != "OK" {
+		// Back to the pre-login state: the client may try again.
+		b.logout()
+		release()
+		c.sess.Backend = ""
+		c.failures++
+		log.Info("login", "result", "failed", "status", final.status, "elapsed", time.Since(start))
+		if err := c.write(answer); err != nil {
+			return err
+		}
+		if c.failures >= maxLoginFailures {
+			return errTooManyFails
+		}
+		return nil
+	}
+	if err := c.write(answer); err != nil {
+		b.close()
+		return err
+	}
+	log.Info("login", "result", "ok", "elapsed", time.Since(start))
+	c.stopWatch()
+	reason := proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), b.conn, b.r.Pending(), lease.Done)
+	return &sessionEnd{reason}
+}

@@ -1,0 +1,138 @@
+package imap
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+
+	"github.com/usher-mail/usher/internal/wire"
+)
+
+// Errors of the pre-login state machine. Each is answered by replyFor, the
+// one place that maps errors to IMAP responses.
+var (
+	errUnknownCommand = errors.New("unknown command")
+	errNeedAuth       = errors.New("command not allowed before login")
+	errArgs           = errors.New("invalid arguments")
+	errPrivacy        = errors.New("plaintext authentication disallowed without TLS")
+	errMechanism      = errors.New("unsupported authentication mechanism")
+	errCanceled       = errors.New("authentication canceled by client")
+	errBase64         = errors.New("invalid base64")
+	errCredentials    = errors.New("malformed credentials")
+	errTLSActive      = errors.New("TLS already active")
+	errNoTLS          = errors.New("STARTTLS not available")
+	errTLSPipelined   = errors.New("data pipelined after STARTTLS")
+	errTLSHandshake   = errors.New("TLS handshake failed")
+	errUnavailable    = errors.New("backend unavailable")
+	errTooManyBad     = errors.New("too many invalid commands")
+	errTooManyFails   = errors.New("too many failed logins")
+	errIdle           = errors.New("idle timeout")
+	errShutdown       = errors.New("server shutting down")
+	errClientGone     = errors.New("client closed")
+	errClientWrite    = errors.New("client write failed")
+)
+
+// sessionEnd is returned by a command handler whose command ended the
+// session without an error reply (LOGOUT, or a login that was spliced).
+type sessionEnd struct{ reason string }
+
+func (e *sessionEnd) Error() string { return "session ended: " + e.reason }
+
+// reply is the IMAP response to an error.
+type reply struct {
+	status string // "BAD", "NO", "BYE"; "" sends nothing
+	code   string // response code (RFC 9051 section 7.1, RFC 5530), without brackets
+	text   string
+	close  bool   // end the session after replying
+	reason string // the session's end reason when close is set
+}
+
+// replyFor maps an error of the pre-login state machine to its response. A
+// BYE is always untagged; BAD without a known tag is untagged (RFC 9051
+// section 7.1.3).
+func replyFor(err error) reply {
+	switch {
+	case errors.Is(err, errBadTag):
+		return reply{status: "BAD", text: "Missing or invalid tag"}
+	case errors.Is(err, errNoName):
+		return reply{status: "BAD", text: "Missing command"}
+	case errors.Is(err, errSyntax), errors.Is(err, errArgs):
+		return reply{status: "BAD", text: "Invalid arguments"}
+	case errors.Is(err, errUnknownCommand):
+		return reply{status: "BAD", text: "Unknown command"}
+	case errors.Is(err, errNeedAuth):
+		// RFC 9051 section 6: a command in the wrong state is a protocol error.
+		return reply{status: "BAD", text: "Command not allowed before login"}
+	case errors.Is(err, errLitLimit):
+		// RFC 7888 section 4 suggests TOOBIG for literals over a limit.
+		return reply{status: "BAD", code: "TOOBIG", text: "Literal too big"}
+	case errors.Is(err, errNonSyncLimit):
+		return reply{status: "BYE", code: "TOOBIG", text: "Literal too big", close: true, reason: "literal too big"}
+	case errors.Is(err, wire.ErrLineTooLong):
+		return reply{status: "BAD", code: "TOOBIG", text: "Line too long"}
+	case errors.Is(err, wire.ErrTooMuch):
+		return reply{status: "BYE", code: "TOOBIG", text: "Line too long", close: true, reason: "line flood"}
+	case errors.Is(err, errPrivacy):
+		// RFC 5530 section 3 / RFC 9051 section 6.2.3.
+		return reply{status: "NO", code: "PRIVACYREQUIRED", text: "Plaintext authentication disallowed without TLS"}
+	case errors.Is(err, errMechanism):
+		// RFC 9051 section 6.2.2: an unsupported mechanism gets a tagged NO.
+		return reply{status: "NO", code: "CANNOT", text: "Unsupported authentication mechanism"}
+	case errors.Is(err, errCanceled):
+		// RFC 9051 section 6.2.2: "*" cancels with a tagged BAD.
+		return reply{status: "BAD", text: "Authentication canceled"}
+	case errors.Is(err, errBase64):
+		// RFC 9051 section 6.2.2: invalid base64 gets a tagged BAD.
+		return reply{status: "BAD", text: "Invalid base64 data"}
+	case errors.Is(err, errCredentials):
+		return reply{status: "NO", code: "AUTHENTICATIONFAILED", text: "Authentication failed"}
+	case errors.Is(err, errTLSActive):
+		return reply{status: "BAD", text: "TLS is already active"}
+	case errors.Is(err, errNoTLS):
+		return reply{status: "BAD", text: "STARTTLS not available"}
+	case errors.Is(err, errTLSPipelined):
+		// CVE-2011-0411 pattern: plaintext injected behind STARTTLS would be
+		// taken as sent over TLS; refuse and disconnect.
+		return reply{status: "BAD", text: "STARTTLS must be the last command sent before TLS", close: true, reason: "starttls pipelining"}
+	case errors.Is(err, errTLSHandshake):
+		return reply{close: true, reason: "tls handshake failed"}
+	case errors.Is(err, errUnavailable):
+		// RFC 5530 section 3: temporary failure, try again later.
+		return reply{status: "NO", code: "UNAVAILABLE", text: "Backend unavailable, try again later"}
+	case errors.Is(err, errTooManyBad):
+		return reply{status: "BYE", text: "Too many invalid commands", close: true, reason: "too many invalid commands"}
+	case errors.Is(err, errTooManyFails):
+		return reply{status: "BYE", text: "Too many failed logins", close: true, reason: "too many failed logins"}
+	case errors.Is(err, errShutdown), errors.Is(err, context.Canceled):
+		return reply{status: "BYE", code: "UNAVAILABLE", text: "Server shutting down", close: true, reason: "shutdown"}
+	case errors.Is(err, errIdle), errors.Is(err, os.ErrDeadlineExceeded):
+		// RFC 9051 section 7.1.5 (BYE) example text.
+		return reply{status: "BYE", text: "Autologout; idle for too long", close: true, reason: "idle timeout"}
+	case errors.Is(err, errClientWrite):
+		return reply{close: true, reason: "client write failed"}
+	case errors.Is(err, errClientGone), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrClosedPipe):
+		return reply{close: true, reason: "client closed"}
+	}
+	var end *sessionEnd
+	if errors.As(err, &end) {
+		return reply{close: true, reason: end.reason}
+	}
+	// A read error not listed above (connection reset, ...).
+	return reply{close: true, reason: "client read failed"}
+}
+
+// format renders r as one response line (without CRLF) for tag ("" when the
+// command's tag is unknown).
+func (r reply) format(tag string) string {
+	if r.status == "BYE" || tag == "" {
+		tag = "*"
+	}
+	s := tag + " " + r.status + " "
+	if r.code != "" {
+		s += "[" + r.code + "] "
+	}
+	return s + r.text
+}

@@ -1,0 +1,298 @@
+package pop3
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/wire"
+)
+
+const (
+	// proxyTTL is the hop budget a login starts with, as Dovecot's
+	// LOGIN_PROXY_TTL (5 in 2.3). Like Dovecot's proxy, usher sends one less
+	// to the backend, so two proxies pointing at each other give up after a
+	// few hops instead of looping.
+	proxyTTL = 5
+	// maxSessionID is Dovecot's LOGIN_MAX_SESSION_ID_LEN; longer IDs are
+	// silently ignored by XCLIENT, so usher leaves them out.
+	maxSessionID = 64
+	// maxCommandLine is RFC 2449 section 4's limit on a command line
+	// including CRLF; RFC 5034 section 4 says an AUTH whose initial response
+	// would exceed it goes without one and answers the "+ " challenge.
+	maxCommandLine = 255
+	// maxCapaLines bounds a backend's CAPA listing.
+	maxCapaLines = 256
+)
+
+var errProtocol = errors.New("unexpected reply")
+
+// backend is the backend connection during login.
+type backend struct {
+	conn net.Conn
+	r    *wire.Reader
+}
+
+// send writes one command line. The connection's deadline covers it.
+func (b *backend) send(line string) error {
+	_, err := b.conn.Write([]byte(line + "\r\n"))
+	return err
+}
+
+// readLine reads one reply line; the connection's absolute login deadline
+// bounds the wait.
+func (b *backend) readLine() (string, error) {
+	line, err := b.r.ReadLine()
+	if err != nil {
+		return "", err
+	}
+	return string(line), nil
+}
+
+// cmd sends one command and returns the first line of the reply.
+func (b *backend) cmd(line string) (string, error) {
+	if err := b.send(line); err != nil {
+		return "", err
+	}
+	return b.readLine()
+}
+
+// capa returns whether the backend lists XCLIENT in its CAPA reply
+// (RFC 2449 section 5). A backend without CAPA answers -ERR, which means no
+// capabilities.
+func (b *backend) capaXCLIENT() (bool, error) {
+	reply, err := b.cmd("CAPA")
+	if err != nil {
+		return false, err
+	}
+	if isERR(reply) {
+		return false, nil
+	}
+	if !isOK(reply) {
+		return false, fmt.Errorf("%w %q", errProtocol, sanitize(reply))
+	}
+	xclient := false
+	for n := 0; ; n++ {
+		if n > maxCapaLines {
+			return false, fmt.Errorf("more than %d capability lines", maxCapaLines)
+		}
+		line, err := b.readLine()
+		if err != nil {
+			return false, err
+		}
+		if line == "." { // RFC 1939 section 3: end of a multi-line response
+			return xclient, nil
+		}
+		if f := strings.Fields(line); len(f) > 0 && strings.EqualFold(f[0], "XCLIENT") {
+			xclient = true
+		}
+	}
+}
+
+func isOK(line string) bool  { return line == "+OK" || strings.HasPrefix(line, "+OK ") }
+func isERR(line string) bool { return line == "-ERR" || strings.HasPrefix(line, "-ERR ") }
+
+// greetingXCLIENT reports a Dovecot greeting "+OK [XCLIENT] ...": Dovecot's
+// pop3-login announces XCLIENT there (not in CAPA) when the peer is in its
+// login_trusted_networks, to save the CAPA round trip.
+func greetingXCLIENT(greeting string) bool {
+	const code = "[XCLIENT]"
+	rest, ok := strings.CutPrefix(greeting, "+OK ")
+	return ok && len(rest) >= len(code) && strings.EqualFold(rest[:len(code)], code)
+}
+
+// xclientLine builds Dovecot's XCLIENT command (pop3-login cmd_xclient: ADDR,
+// PORT, SESSION, TTL), so the backend logs and rate-limits the real client
+// instead of the director, and ties its log lines to usher's session ID.
+func xclientLine(sess *proxy.Session) string {
+	var sb strings.Builder
+	sb.WriteString("XCLIENT")
+	if sess.Remote.IsValid() {
+		// Dovecot parses ADDR with net_addr2ip: a bare address, no zone,
+		// IPv4-mapped IPv6 shown as IPv4.
+		sb.WriteString(" ADDR=")
+		sb.WriteString(sess.Remote.Addr().Unmap().WithZone("").String())
+		if p := sess.Remote.Port(); p != 0 {
+			sb.WriteString(" PORT=")
+			sb.WriteString(strconv.Itoa(int(p)))
+		}
+	}
+	if validSessionID(sess.ID) {
+		sb.WriteString(" SESSION=")
+		sb.WriteString(sess.ID)
+	}
+	sb.WriteString(" TTL=")
+	sb.WriteString(strconv.Itoa(proxyTTL - 1))
+	return sb.String()
+}
+
+func validSessionID(id string) bool {
+	if id == "" || len(id) > maxSessionID {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] <= ' ' || id[i] >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// backendLogin connects to the backend at ip and replays the client's login.
+// On success it returns the connection, its reader (which may hold bytes
+// the backend sent after its answer) and the backend's +OK line; the caller
+// owns the connection. On failure the connection is closed; a
+// *loginRejected error carries the backend's -ERR line for the client.
+//
+// The sequence follows Dovecot's own POP3 proxy: greeting, STLS when
+// configured (RFC 2595 section 4), XCLIENT when advertised, then USER/PASS
+// (RFC 1939 section 7) or AUTH PLAIN (RFC 5034).
+func (s *Server) backendLogin(ctx context.Context, sess *proxy.Session, ip netip.Addr, cr *credentials) (
+	_ net.Conn, _ *wire.Reader, okLine string, err error) {
+	deadline := time.Now().Add(s.loginTimeout())
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+
+	raw, err := s.o.Backend.Dial(dctx, ip)
+	if err != nil {
+		return nil, nil, "", err // Dial names the operation and address
+	}
+	// A shutdown during login closes the connection, which ends any read.
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer stop()
+	b := &backend{conn: raw, r: wire.NewReader(raw, 0, wire.DefaultMaxLine)}
+	defer func() {
+		if err != nil {
+			b.conn.Close()
+		}
+	}()
+	// One absolute deadline for the whole login (reads and writes); the
+	// reader sets none of its own (timeout 0).
+	if err := raw.SetDeadline(deadline); err != nil {
+		return nil, nil, "", fmt.Errorf("backend %s: set deadline: %w", ip, err)
+	}
+
+	greeting, err := b.readLine()
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("backend greeting: %w", err)
+	}
+	if !isOK(greeting) {
+		return nil, nil, "", fmt.Errorf("backend greeting: %w %q", errProtocol, sanitize(greeting))
+	}
+	xclient := greetingXCLIENT(greeting)
+
+	if s.o.Backend.TLS == config.TLSStartTLS {
+		reply, err := b.cmd("STLS")
+		if err != nil {
+			return nil, nil, "", fmt.Errorf("backend STLS: %w", err)
+		}
+		if !isOK(reply) {
+			return nil, nil, "", fmt.Errorf("backend STLS: %w %q", errProtocol, sanitize(reply))
+		}
+		if b.r.Buffered() > 0 {
+			// Bytes after the +OK would be taken as sent over TLS.
+			return nil, nil, "", fmt.Errorf("backend STLS: %w: data after +OK", errProtocol)
+		}
+		tc := s.o.Backend.ClientTLS(raw, ip)
+		if err := tc.HandshakeContext(dctx); err != nil {
+			return nil, nil, "", fmt.Errorf("backend STLS handshake: %w", err)
+		}
+		b.conn, b.r = tc, wire.NewReader(tc, 0, wire.DefaultMaxLine)
+	}
+
+	if !xclient {
+		// Other servers may list XCLIENT in CAPA; a Dovecot that does not
+		// trust usher announces nothing, and then the backend sees usher's
+		// address as the client's.
+		if xclient, err = b.capaXCLIENT(); err != nil {
+			return nil, nil, "", fmt.Errorf("backend CAPA: %w", err)
+		}
+	}
+	if xclient {
+		reply, err := b.cmd(xclientLine(sess))
+		if err != nil {
+			return nil, nil, "", fmt.Errorf("backend XCLIENT: %w", err)
+		}
+		if !isOK(reply) {
+			return nil, nil, "", fmt.Errorf("backend XCLIENT: %w %q", errProtocol, sanitize(reply))
+		}
+	}
+
+	var reply string
+	if cr.isPlain() {
+		reply, err = b.authPlain(cr.plain)
+	} else {
+		reply, err = b.userPass(cr)
+	}
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("backend login: %w", err)
+	}
+	return b.conn, b.r, reply, nil
+}
+
+// finalReply classifies the backend's answer to the credentials.
+func finalReply(reply string) (string, error) {
+	switch {
+	case isOK(reply):
+		return reply, nil
+	case isERR(reply):
+		return "", &loginRejected{reply: reply}
+	default:
+		return "", fmt.Errorf("%w %q", errProtocol, sanitize(reply))
+	}
+}
+
+// userPass replays USER and PASS (RFC 1939 section 7). Errors never contain
+// the commands sent.
+func (b *backend) userPass(cr *credentials) (string, error) {
+	reply, err := b.cmd("USER " + cr.user)
+	if err != nil {
+		return "", err
+	}
+	if !isOK(reply) {
+		return finalReply(reply) // an -ERR to USER is a rejection too
+	}
+	reply, err = b.cmd("PASS " + cr.pass)
+	if err != nil {
+		return "", err
+	}
+	return finalReply(reply)
+}
+
+// authPlain replays AUTH PLAIN (RFC 5034 section 4) with an initial
+// response, unless that would make the line longer than 255 octets, in which
+// case the response follows the server's empty challenge.
+func (b *backend) authPlain(msg []byte) (string, error) {
+	resp := base64.StdEncoding.EncodeToString(msg)
+	line := "AUTH PLAIN " + resp
+	var reply string
+	var err error
+	if len(line)+2 <= maxCommandLine {
+		reply, err = b.cmd(line)
+	} else {
+		reply, err = b.cmd("AUTH PLAIN")
+		if err != nil {
+			return "", err
+		}
+		if reply != "+" && !strings.HasPrefix(reply, "+ ") {
+			return finalReply(reply)
+		}
+		reply, err = b.cmd(resp)
+	}
+	if err != nil {
+		return "", err
+	}
+	if reply == "+" || strings.HasPrefix(reply, "+ ") {
+		// PLAIN is one message; a further challenge is a protocol error.
+		return "", fmt.Errorf("%w: challenge after PLAIN response", errProtocol)
+	}
+	return finalReply(reply)
+}

@@ -1,0 +1,91 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"time"
+
+	"github.com/usher-mail/usher/internal/config"
+)
+
+// Session is one accepted client connection, handed to a protocol Handler.
+// The Server fills the connection fields; the Handler sets User and Backend
+// as it learns them, and Splice counts bytes; the Server logs all of it when
+// the session ends.
+type Session struct {
+	ID     string         // unique, short, printable; also sent to backends
+	Proto  string         // "imap", "pop3", ...
+	Conn   net.Conn       // the client connection (the Handler replaces it after STARTTLS)
+	Remote netip.AddrPort // the client's address
+	Local  netip.AddrPort // the address the client connected to
+	Start  time.Time
+	Log    *slog.Logger // carries session, proto and remote
+
+	// TLSMode is the listener's mode; TLSConfig is its server config (nil for none).
+	TLSMode   config.TLSMode
+	TLSConfig *tls.Config
+	// Secure is true once the client connection is TLS (implicit or after STARTTLS).
+	Secure bool
+	// Trusted is true when Remote is in the trusted networks: plaintext logins
+	// are allowed without TLS.
+	Trusted bool
+
+	User    string // login name as the client gave it (never the password)
+	Backend string // backend address once chosen
+
+	BytesIn  atomic.Int64 // client -> backend, after login
+	BytesOut atomic.Int64 // backend -> client, after login
+}
+
+// PlaintextAllowed reports whether a plaintext password may be sent on this
+// session (RFC 9051 section 11.1 / RFC 2595 section 3.2: not without TLS unless
+// the client is trusted).
+func (s *Session) PlaintextAllowed() bool { return s.Secure || s.Trusted }
+
+// Handler serves one protocol on a session. Serve returns when the session is
+// over, with a short reason for the end-of-session log line ("logout",
+// "client closed", "backend closed", "idle timeout", "kicked", ...).
+type Handler interface {
+	Serve(ctx context.Context, s *Session) (reason string)
+}
+
+// Director picks and pins a user's backend. Protocol packages depend on this
+// interface only.
+type Director interface {
+	// Acquire returns the backend for user (the login name; the Director
+	// applies the hash template) and counts one open session of that user.
+	// The caller must call Lease.Release exactly once when the session ends.
+	Acquire(ctx context.Context, user string) (*Lease, error)
+}
+
+// Lease is one session's hold on a user's backend.
+type Lease struct {
+	User    string     // the user key (hash template expanded)
+	Backend netip.Addr // the backend's IP
+	// Done is closed when the user must leave the backend (kick, move); the
+	// session then closes. Nil means never.
+	Done    <-chan struct{}
+	release func()
+	done    atomic.Bool
+}
+
+// NewLease returns a lease; release is called once by Release.
+func NewLease(user string, backend netip.Addr, done <-chan struct{}, release func()) *Lease {
+	return &Lease{User: user, Backend: backend, Done: done, release: release}
+}
+
+// Release ends the session's hold; it is safe to call more than once.
+func (l *Lease) Release() {
+	if l != nil && l.done.CompareAndSwap(false, true) && l.release != nil {
+		l.release()
+	}
+}
+
+// ErrUnavailable means no backend can take the user now (none up, empty pool).
+// Protocols answer it with a temporary failure (IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]).
+var ErrUnavailable = errors.New("no backend available")

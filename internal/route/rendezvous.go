@@ -1,0 +1,115 @@
+package route
+
+import (
+	"math"
+	"net/netip"
+	"slices"
+)
+
+// Weighted rendezvous (highest random weight) hashing, after Schindelhauer
+// and Schomaker, "Weighted Distributed Hash Tables" (2005): every eligible
+// backend b scores -w_b / ln(u_b(key)) with u_b(key) uniform on (0,1), and
+// the highest score wins. The winner is backend b with probability
+// w_b / sum(w), and changing one backend only moves users to or from that
+// backend.
+//
+// u_b(key) comes from a 64-bit hash: FNV-1a 64 of the key, finalized with
+// the splitmix64 mixer, XORed with a per-backend seed (the mixed FNV-1a of
+// the backend's 16-byte address, computed once in NewTable) and mixed again.
+// The top 53 bits become the float (h>>11 + 0.5) / 2^53, never 0 or 1.
+
+// rendezvousEntry is one eligible backend of a pool.
+type rendezvousEntry struct {
+	seed   uint64
+	weight float64
+	addr   netip.Addr
+}
+
+// rendezvousPool holds the eligible backends of one tag, sorted by address so
+// that the first best score wins ties deterministically (lowest address).
+type rendezvousPool struct {
+	entries []rendezvousEntry
+	// sameWeight: all weights are equal, so the score is strictly
+	// increasing in u and pick compares the 53-bit hashes directly, without
+	// a logarithm (the exact order; the float scores could only differ by
+	// rounding ties).
+	sameWeight bool
+}
+
+const (
+	fnvOffset64 = 14695981039346656037
+	fnvPrime64  = 1099511628211
+)
+
+// fnv1a64 is FNV-1a 64 of s; it does not allocate.
+func fnv1a64(s string) uint64 {
+	h := uint64(fnvOffset64)
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= fnvPrime64
+	}
+	return h
+}
+
+// mix64 is the splitmix64 finalizer (Stafford's Mix13), a bijection with full
+// avalanche.
+func mix64(z uint64) uint64 {
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+// rendezvousSeed is the per-backend seed: IPv4 and its IPv4-mapped IPv6 form
+// get the same seed, a zone is ignored.
+func rendezvousSeed(a netip.Addr) uint64 {
+	b := a.Unmap().WithZone("").As16()
+	return mix64(fnv1a64(string(b[:])) ^ 0x9e3779b97f4a7c15)
+}
+
+func newRendezvousPool(backends []Backend) *rendezvousPool {
+	p := &rendezvousPool{entries: make([]rendezvousEntry, 0, len(backends)), sameWeight: true}
+	for _, b := range backends {
+		p.entries = append(p.entries, rendezvousEntry{
+			seed:   rendezvousSeed(b.Addr),
+			weight: float64(b.Weight),
+			addr:   b.Addr,
+		})
+		if b.Weight != backends[0].Weight {
+			p.sameWeight = false
+		}
+	}
+	slices.SortFunc(p.entries, func(x, y rendezvousEntry) int { return x.addr.Compare(y.addr) })
+	return p
+}
+
+// pick returns the winning backend for key; false if the pool is empty.
+func (p *rendezvousPool) pick(key string) (netip.Addr, bool) {
+	if len(p.entries) == 0 {
+		return netip.Addr{}, false
+	}
+	kh := mix64(fnv1a64(key))
+	best := 0
+	if p.sameWeight {
+		var bestH uint64
+		for i := range p.entries {
+			if h := mix64(kh^p.entries[i].seed) >> 11; i == 0 || h > bestH {
+				best, bestH = i, h
+			}
+		}
+		return p.entries[best].addr, true
+	}
+	bestScore := math.Inf(-1)
+	for i := range p.entries {
+		e := &p.entries[i]
+		if s := rendezvousScore(kh, e.seed, e.weight); s > bestScore {
+			best, bestScore = i, s
+		}
+	}
+	return p.entries[best].addr, true
+}
+
+// rendezvousScore is -weight / ln(u) for the backend with seed; weight > 0.
+func rendezvousScore(keyHash, seed uint64, weight float64) float64 {
+	u := (float64(mix64(keyHash^seed)>>11) + 0.5) * 0x1p-53
+	return -weight / math.Log(u)
+}

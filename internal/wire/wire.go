@@ -1,0 +1,146 @@
+// Package wire reads line-oriented mail protocols (IMAP, POP3, LMTP,
+// ManageSieve) from untrusted peers with hard bounds.
+//
+// Invariants: every read sets a deadline on the connection first (when the
+// Reader has one); no read buffers more than MaxLine bytes of one line or more
+// than the caller's cap of one literal; an overlong line is consumed and
+// reported as ErrLineTooLong so the caller can answer with a protocol error
+// and carry on, while a peer that keeps streaming without a line end gets
+// ErrTooMuch and should be disconnected.
+package wire
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+)
+
+// DefaultMaxLine is the longest line accepted before login: 8 KiB.
+const DefaultMaxLine = 8192
+
+var (
+	// ErrLineTooLong reports a line longer than MaxLine; the line was consumed.
+	ErrLineTooLong = errors.New("line too long")
+	// ErrTooMuch reports a peer that sent far too many bytes without a line end.
+	ErrTooMuch = errors.New("too much data without a line end")
+)
+
+// Reader reads bounded lines and literals from a connection.
+type Reader struct {
+	conn    net.Conn // for deadlines; nil disables them
+	br      *bufio.Reader
+	Timeout time.Duration // per read; 0 disables deadlines
+	MaxLine int           // longest line, without CRLF
+}
+
+// NewReader returns a Reader on conn. Its buffer holds at most one line.
+func NewReader(conn net.Conn, timeout time.Duration, maxLine int) *Reader {
+	if maxLine <= 0 {
+		maxLine = DefaultMaxLine
+	}
+	return &Reader{conn: conn, br: bufio.NewReaderSize(conn, 4096), Timeout: timeout, MaxLine: maxLine}
+}
+
+// NewReaderFrom returns a Reader over any io.Reader (tests, fuzzing); it sets no deadlines.
+func NewReaderFrom(r io.Reader, maxLine int) *Reader {
+	if maxLine <= 0 {
+		maxLine = DefaultMaxLine
+	}
+	return &Reader{br: bufio.NewReaderSize(r, 4096), MaxLine: maxLine}
+}
+
+func (r *Reader) deadline() error {
+	if r.conn == nil || r.Timeout <= 0 {
+		return nil
+	}
+	return r.conn.SetReadDeadline(time.Now().Add(r.Timeout))
+}
+
+// Buffered reports how many bytes were read from the connection but not yet
+// returned. After a STARTTLS command it must be 0, or the peer injected
+// plaintext that would be taken as sent over TLS (CVE-2011-0411 pattern).
+func (r *Reader) Buffered() int { return r.br.Buffered() }
+
+// Pending returns and consumes the bytes buffered but not yet returned, so
+// they can be forwarded when the connection is spliced.
+func (r *Reader) Pending() []byte {
+	n := r.br.Buffered()
+	if n == 0 {
+		return nil
+	}
+	b := make([]byte, n)
+	_, _ = io.ReadFull(r.br, b)
+	return b
+}
+
+// ReadLine returns the next line without its CRLF (a bare LF is accepted too).
+// The returned slice is only valid until the next read.
+func (r *Reader) ReadLine() ([]byte, error) {
+	var long []byte // only used when a line spans bufio's buffer
+	total := 0
+	for {
+		if err := r.deadline(); err != nil {
+			return nil, fmt.Errorf("set read deadline: %w", err)
+		}
+		chunk, err := r.br.ReadSlice('\n')
+		total += len(chunk)
+		if err == nil {
+			if total-1 > r.MaxLine+1 { // allow the CR
+				return nil, ErrLineTooLong
+			}
+			if long != nil {
+				chunk = append(long, chunk...)
+			}
+			return trimEOL(chunk), nil
+		}
+		if err != bufio.ErrBufferFull {
+			if err == io.EOF && total > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+		if total > r.MaxLine+1 {
+			// Keep discarding until the line ends, within a bound.
+			if total > 64*r.MaxLine {
+				return nil, ErrTooMuch
+			}
+			long = nil
+			continue
+		}
+		long = append(long, chunk...)
+	}
+}
+
+// ReadLiteral reads exactly n bytes (an IMAP or ManageSieve literal). The
+// caller checks n against its own cap before calling.
+func (r *Reader) ReadLiteral(n int) ([]byte, error) {
+	b := make([]byte, n)
+	got := 0
+	for got < n {
+		if err := r.deadline(); err != nil {
+			return nil, fmt.Errorf("set read deadline: %w", err)
+		}
+		m, err := r.br.Read(b[got:])
+		got += m
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+func trimEOL(b []byte) []byte {
+	if n := len(b); n > 0 && b[n-1] == '\n' {
+		b = b[:n-1]
+	}
+	if n := len(b); n > 0 && b[n-1] == '\r' {
+		b = b[:n-1]
+	}
+	return b
+}

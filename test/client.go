@@ -1,0 +1,340 @@
+package test
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Limits of the test clients: a server that sends more is broken.
+const (
+	clientMaxLine    = 64 << 10
+	clientMaxLiteral = 16 << 20
+	clientTimeout    = 10 * time.Second
+)
+
+// IMAPClient is a minimal IMAP4rev1 client (RFC 3501) for tests: it sends
+// tagged commands and collects the untagged responses up to the tagged one.
+type IMAPClient struct {
+	conn     net.Conn
+	br       *bufio.Reader
+	tag      int
+	Greeting string        // the server greeting, "* OK …"
+	Timeout  time.Duration // per command; default 10s
+}
+
+// IMAPResponse is the answer to one command.
+type IMAPResponse struct {
+	Untagged []string // untagged lines, literals inlined
+	Status   string   // "OK", "NO" or "BAD"
+	Text     string   // the tagged line after the status
+}
+
+// dialFrom connects to addr from the local IP from ("" = any).
+func dialFrom(from, addr string) (net.Conn, error) {
+	d := net.Dialer{Timeout: clientTimeout}
+	if from != "" {
+		ip := net.ParseIP(from)
+		if ip == nil {
+			return nil, fmt.Errorf("bad local address %q", from)
+		}
+		d.LocalAddr = &net.TCPAddr{IP: ip}
+	}
+	return d.Dial("tcp", addr)
+}
+
+// DialIMAP connects to addr and reads the greeting.
+func DialIMAP(addr string) (*IMAPClient, error) { return DialIMAPFrom("", addr) }
+
+// DialIMAPFrom connects to addr from local IP from (e.g. "127.0.0.66", so the
+// backend can tell the client apart) and reads the greeting.
+func DialIMAPFrom(from, addr string) (*IMAPClient, error) {
+	conn, err := dialFrom(from, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial imap %s: %w", addr, err)
+	}
+	c := &IMAPClient{conn: conn, br: bufio.NewReader(conn), Timeout: clientTimeout}
+	_ = conn.SetReadDeadline(time.Now().Add(c.Timeout))
+	// RFC 3501 §7.1: the greeting is an untagged OK, PREAUTH or BYE.
+	g, err := readLine(c.br)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("imap %s greeting: %w", addr, err)
+	}
+	if !strings.HasPrefix(g, "* OK") {
+		conn.Close()
+		return nil, fmt.Errorf("imap %s greeting: %q", addr, g)
+	}
+	c.Greeting = g
+	return c, nil
+}
+
+// readLine reads one CRLF line of at most clientMaxLine bytes, without CRLF.
+func readLine(br *bufio.Reader) (string, error) {
+	var sb strings.Builder
+	for {
+		frag, isPrefix, err := br.ReadLine()
+		if err != nil {
+			return "", fmt.Errorf("read line: %w", err)
+		}
+		sb.Write(frag)
+		if sb.Len() > clientMaxLine {
+			return "", errors.New("read line: line too long")
+		}
+		if !isPrefix {
+			return sb.String(), nil
+		}
+	}
+}
+
+// readResponseLine reads one response line and inlines any literals
+// (RFC 3501 §4.3: "{n}" at the end of a line is followed by n octets).
+func (c *IMAPClient) readResponseLine() (string, error) {
+	var sb strings.Builder
+	for {
+		line, err := readLine(c.br)
+		if err != nil {
+			return "", err
+		}
+		sb.WriteString(line)
+		n, ok := literalSize(line)
+		if !ok {
+			return sb.String(), nil
+		}
+		if n > clientMaxLiteral {
+			return "", fmt.Errorf("read literal: %d bytes is too big", n)
+		}
+		sb.WriteString("\r\n")
+		if _, err := io.CopyN(&sb, c.br, n); err != nil {
+			return "", fmt.Errorf("read literal: %w", err)
+		}
+	}
+}
+
+func literalSize(line string) (int64, bool) {
+	if !strings.HasSuffix(line, "}") {
+		return 0, false
+	}
+	open := strings.LastIndexByte(line, '{')
+	if open < 0 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(strings.TrimSuffix(line[open+1:len(line)-1], "+"), 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+// Cmd sends one command (without tag and CRLF) and reads to its tagged answer.
+// A NO or BAD answer is returned as a response, not as an error.
+func (c *IMAPClient) Cmd(format string, args ...any) (*IMAPResponse, error) {
+	c.tag++
+	tag := fmt.Sprintf("t%d", c.tag)
+	cmd := fmt.Sprintf(format, args...)
+	_ = c.conn.SetDeadline(time.Now().Add(c.Timeout))
+	if _, err := fmt.Fprintf(c.conn, "%s %s\r\n", tag, cmd); err != nil {
+		return nil, fmt.Errorf("imap send %s: %w", verb(cmd), err)
+	}
+	return c.readTagged(tag, verb(cmd))
+}
+
+func (c *IMAPClient) readTagged(tag, what string) (*IMAPResponse, error) {
+	r := &IMAPResponse{}
+	for {
+		line, err := c.readResponseLine()
+		if err != nil {
+			return r, fmt.Errorf("imap %s: %w", what, err)
+		}
+		if rest, ok := strings.CutPrefix(line, tag+" "); ok {
+			r.Status, r.Text, _ = strings.Cut(rest, " ")
+			return r, nil
+		}
+		r.Untagged = append(r.Untagged, line)
+	}
+}
+
+func verb(cmd string) string {
+	v, _, _ := strings.Cut(cmd, " ")
+	return strings.ToUpper(v)
+}
+
+// Quote makes an IMAP quoted string (RFC 3501 §4.3).
+func Quote(s string) string {
+	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`
+}
+
+// Login sends LOGIN and returns an error unless the answer is OK.
+func (c *IMAPClient) Login(user, pass string) error {
+	r, err := c.Cmd("LOGIN %s %s", Quote(user), Quote(pass))
+	if err != nil {
+		return err
+	}
+	if r.Status != "OK" {
+		return fmt.Errorf("imap login %s: %s %s", user, r.Status, r.Text)
+	}
+	return nil
+}
+
+// Append stores msg in mailbox with APPEND (RFC 3501 §6.3.11), sending the
+// message as a synchronizing literal: it waits for the "+" continuation
+// (§7.5) before the octets.
+func (c *IMAPClient) Append(mailbox string, msg []byte) (*IMAPResponse, error) {
+	c.tag++
+	tag := fmt.Sprintf("t%d", c.tag)
+	_ = c.conn.SetDeadline(time.Now().Add(c.Timeout))
+	if _, err := fmt.Fprintf(c.conn, "%s APPEND %s {%d}\r\n", tag, Quote(mailbox), len(msg)); err != nil {
+		return nil, fmt.Errorf("imap send APPEND: %w", err)
+	}
+	line, err := readLine(c.br)
+	if err != nil {
+		return nil, fmt.Errorf("imap APPEND continuation: %w", err)
+	}
+	if !strings.HasPrefix(line, "+") {
+		r := &IMAPResponse{}
+		if rest, ok := strings.CutPrefix(line, tag+" "); ok {
+			r.Status, r.Text, _ = strings.Cut(rest, " ")
+			return r, nil
+		}
+		return nil, fmt.Errorf("imap APPEND: expected continuation, got %q", line)
+	}
+	if _, err := c.conn.Write(append(append([]byte(nil), msg...), '\r', '\n')); err != nil {
+		return nil, fmt.Errorf("imap send APPEND literal: %w", err)
+	}
+	return c.readTagged(tag, "APPEND")
+}
+
+// StartTLS sends STARTTLS (RFC 3501 §6.2.1) and performs the handshake.
+func (c *IMAPClient) StartTLS(cfg *tls.Config) error {
+	r, err := c.Cmd("STARTTLS")
+	if err != nil {
+		return err
+	}
+	if r.Status != "OK" {
+		return fmt.Errorf("imap starttls: %s %s", r.Status, r.Text)
+	}
+	if c.br.Buffered() > 0 {
+		return errors.New("imap starttls: server sent data after OK (injection)")
+	}
+	tc := tls.Client(c.conn, cfg)
+	_ = tc.SetDeadline(time.Now().Add(c.Timeout))
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("imap starttls handshake: %w", err)
+	}
+	c.conn, c.br = tc, bufio.NewReader(tc)
+	return nil
+}
+
+// Close sends LOGOUT (best effort) and closes the connection.
+func (c *IMAPClient) Close() error {
+	_ = c.conn.SetDeadline(time.Now().Add(2 * time.Second))
+	_, _ = fmt.Fprintf(c.conn, "z LOGOUT\r\n")
+	_, _ = io.Copy(io.Discard, io.LimitReader(c.br, 4096))
+	return c.conn.Close()
+}
+
+// POP3Client is a minimal POP3 client (RFC 1939) for tests.
+type POP3Client struct {
+	conn     net.Conn
+	br       *bufio.Reader
+	Greeting string
+	Timeout  time.Duration
+}
+
+// DialPOP3 connects to addr and reads the +OK greeting.
+func DialPOP3(addr string) (*POP3Client, error) { return DialPOP3From("", addr) }
+
+// DialPOP3From connects to addr from local IP from and reads the greeting.
+func DialPOP3From(from, addr string) (*POP3Client, error) {
+	conn, err := dialFrom(from, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial pop3 %s: %w", addr, err)
+	}
+	c := &POP3Client{conn: conn, br: bufio.NewReader(conn), Timeout: clientTimeout}
+	_ = conn.SetReadDeadline(time.Now().Add(c.Timeout))
+	g, err := readLine(c.br)
+	if err != nil || !strings.HasPrefix(g, "+OK") {
+		conn.Close()
+		return nil, fmt.Errorf("pop3 %s greeting %q: %v", addr, g, err)
+	}
+	c.Greeting = g
+	return c, nil
+}
+
+// Cmd sends one command line and returns the status line; "-ERR …" is an error.
+func (c *POP3Client) Cmd(format string, args ...any) (string, error) {
+	cmd := fmt.Sprintf(format, args...)
+	_ = c.conn.SetDeadline(time.Now().Add(c.Timeout))
+	if _, err := fmt.Fprintf(c.conn, "%s\r\n", cmd); err != nil {
+		return "", fmt.Errorf("pop3 send %s: %w", verb(cmd), err)
+	}
+	line, err := readLine(c.br)
+	if err != nil {
+		return "", fmt.Errorf("pop3 %s: %w", verb(cmd), err)
+	}
+	if !strings.HasPrefix(line, "+OK") {
+		return line, fmt.Errorf("pop3 %s: %s", verb(cmd), line)
+	}
+	return line, nil
+}
+
+// Multi sends a command with a multi-line answer (RFC 1939 §3) and returns
+// the lines of the body, dot-unstuffed, without the terminating ".".
+func (c *POP3Client) Multi(format string, args ...any) ([]string, error) {
+	if _, err := c.Cmd(format, args...); err != nil {
+		return nil, err
+	}
+	var lines []string
+	size := 0
+	for {
+		line, err := readLine(c.br)
+		if err != nil {
+			return lines, fmt.Errorf("pop3 multi-line: %w", err)
+		}
+		if line == "." {
+			return lines, nil
+		}
+		size += len(line)
+		if size > clientMaxLiteral {
+			return lines, errors.New("pop3 multi-line: answer too big")
+		}
+		lines = append(lines, strings.TrimPrefix(line, "."))
+	}
+}
+
+// Login sends USER and PASS.
+func (c *POP3Client) Login(user, pass string) error {
+	if _, err := c.Cmd("USER %s", user); err != nil {
+		return err
+	}
+	_, err := c.Cmd("PASS %s", pass)
+	return err
+}
+
+// StartTLS sends STLS (RFC 2595 §4) and performs the handshake.
+func (c *POP3Client) StartTLS(cfg *tls.Config) error {
+	if _, err := c.Cmd("STLS"); err != nil {
+		return err
+	}
+	tc := tls.Client(c.conn, cfg)
+	_ = tc.SetDeadline(time.Now().Add(c.Timeout))
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("pop3 stls handshake: %w", err)
+	}
+	c.conn, c.br = tc, bufio.NewReader(tc)
+	return nil
+}
+
+// Close sends QUIT (best effort) and closes the connection.
+func (c *POP3Client) Close() error {
+	_ = c.conn.SetDeadline(time.Now().Add(2 * time.Second))
+	_, _ = fmt.Fprintf(c.conn, "QUIT\r\n")
+	_, _ = readLine(c.br)
+	return c.conn.Close()
+}

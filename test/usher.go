@@ -1,0 +1,459 @@
+package test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// BuildUsher compiles ./cmd/usher of the module that contains the current
+// directory into outDir and returns the binary's path.
+func BuildUsher(outDir string) (string, error) {
+	goBin, err := goTool()
+	if err != nil {
+		return "", fmt.Errorf("build usher: %w", err)
+	}
+	root, err := ModuleRoot()
+	if err != nil {
+		return "", fmt.Errorf("build usher: %w", err)
+	}
+	bin := filepath.Join(outDir, "usher")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, goBin, "build", "-o", bin, "./cmd/usher")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build usher: go build ./cmd/usher: %w\n%s", err, out)
+	}
+	return bin, nil
+}
+
+func goTool() (string, error) {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p, nil
+	}
+	if r := os.Getenv("GOROOT"); r != "" {
+		if p := filepath.Join(r, "bin", "go"); fileExists(p) {
+			return p, nil
+		}
+	}
+	if p := "/usr/local/go/bin/go"; fileExists(p) {
+		return p, nil
+	}
+	return "", errors.New("go tool not found in PATH, $GOROOT/bin or /usr/local/go/bin")
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// ModuleRoot is the directory of the go.mod governing the current directory.
+func ModuleRoot() (string, error) {
+	goBin, err := goTool()
+	if err != nil {
+		return "", fmt.Errorf("find module root: %w", err)
+	}
+	out, err := exec.Command(goBin, "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("find module root: go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("find module root: not inside a Go module")
+	}
+	return filepath.Dir(mod), nil
+}
+
+// FreePorts returns n distinct TCP ports on 127.0.0.1 that were free a
+// moment ago (all are held open together, so they differ from each other).
+func FreePorts(n int) ([]int, error) {
+	var ports []int
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("free port: %w", err)
+		}
+		defer l.Close()
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+// UsherConfig renders a usher TOML configuration for tests. Zero fields are
+// left out so that usher's own defaults apply.
+type UsherConfig struct {
+	IMAPAddr, POP3Addr string   // listener host:port; "" = no listener
+	ListenerTLS        string   // tls of both listeners ("none", "starttls", "implicit")
+	Cert, Key          string   // listener certificate and key
+	BackendTLS         string   // [imap]/[pop3] backend_tls
+	BackendCA          string   // [imap]/[pop3] backend_ca
+	Backends           []string // [[backend]] addresses, weight 100
+	Socket             string   // [admin] socket
+	UserExpire         string   // user_expire, e.g. "15m"
+	Routing            string   // routing
+	Extra              string   // appended top-level TOML (before any table)
+}
+
+// TOML returns the configuration file text.
+func (c UsherConfig) TOML() string {
+	var sb strings.Builder
+	q := strconv.Quote
+	sb.WriteString("# Written by the usher e2e harness.\n")
+	if c.UserExpire != "" {
+		fmt.Fprintf(&sb, "user_expire = %s\n", q(c.UserExpire))
+	}
+	if c.Routing != "" {
+		fmt.Fprintf(&sb, "routing = %s\n", q(c.Routing))
+	}
+	sb.WriteString("trusted_networks = [\"127.0.0.0/8\"]\n")
+	if c.Extra != "" {
+		sb.WriteString(strings.TrimSpace(c.Extra) + "\n")
+	}
+	fmt.Fprintf(&sb, "\n[admin]\nsocket = %s\n", q(c.Socket))
+	service := func(name, addr string) {
+		if addr == "" {
+			return
+		}
+		fmt.Fprintf(&sb, "\n[%s]\n", name)
+		if c.BackendTLS != "" {
+			fmt.Fprintf(&sb, "backend_tls = %s\n", q(c.BackendTLS))
+		}
+		if c.BackendCA != "" {
+			fmt.Fprintf(&sb, "backend_ca = %s\n", q(c.BackendCA))
+		}
+		fmt.Fprintf(&sb, "\n[[%s.listener]]\naddress = %s\n", name, q(addr))
+		if c.ListenerTLS != "" {
+			fmt.Fprintf(&sb, "tls = %s\ncert = %s\nkey = %s\n", q(c.ListenerTLS), q(c.Cert), q(c.Key))
+		}
+	}
+	service("imap", c.IMAPAddr)
+	service("pop3", c.POP3Addr)
+	for _, b := range c.Backends {
+		fmt.Fprintf(&sb, "\n[[backend]]\naddress = %s\nweight = 100\n", q(b))
+	}
+	return sb.String()
+}
+
+// UsherOptions configures LaunchUsher.
+type UsherOptions struct {
+	Bin    string // usher binary (see BuildUsher)
+	Config string // TOML text of the configuration
+	// Dir holds the config file and usher.log. Default: a new directory under
+	// os.TempDir that Stop removes.
+	Dir string
+	// StartTimeout bounds the wait for the listeners and the admin socket (default 10s).
+	StartTimeout time.Duration
+}
+
+// Usher is a running `usher serve` process.
+type Usher struct {
+	bin, dir, confPath, logPath, socket string
+	ownDir                              bool
+	imapAddrs, pop3Addrs                []string
+
+	mu       sync.Mutex
+	cmd      *exec.Cmd
+	waitDone chan struct{}
+	waitErr  error
+}
+
+// usherConfigView is the part of the configuration the harness needs.
+type usherConfigView struct {
+	Admin struct {
+		Socket string `toml:"socket"`
+	} `toml:"admin"`
+	IMAP struct {
+		Listeners []struct {
+			Address string `toml:"address"`
+		} `toml:"listener"`
+	} `toml:"imap"`
+	POP3 struct {
+		Listeners []struct {
+			Address string `toml:"address"`
+		} `toml:"listener"`
+	} `toml:"pop3"`
+}
+
+// StartUsher runs usher with configTOML for a test, fails the test on error,
+// and stops usher in t.Cleanup (logging its output when the test failed).
+func StartUsher(t testing.TB, bin, configTOML string) *Usher {
+	t.Helper()
+	u, err := LaunchUsher(UsherOptions{Bin: bin, Config: configTOML})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			if tail, err := tailFile(u.logPath, 60); err == nil {
+				t.Logf("usher log tail:\n%s", tail)
+			}
+		}
+		if err := u.Stop(); err != nil {
+			t.Errorf("stop usher: %v", err)
+		}
+	})
+	return u
+}
+
+// LaunchUsher writes the configuration, starts `usher serve --config FILE`
+// and waits until every listener accepts connections and the admin socket
+// answers. On error the process is stopped again.
+func LaunchUsher(opts UsherOptions) (_ *Usher, err error) {
+	if opts.Bin == "" {
+		return nil, errors.New("launch usher: no binary")
+	}
+	if opts.StartTimeout == 0 {
+		opts.StartTimeout = 10 * time.Second
+	}
+	var view usherConfigView
+	if err := toml.Unmarshal([]byte(opts.Config), &view); err != nil {
+		return nil, fmt.Errorf("launch usher: parse config: %w", err)
+	}
+	u := &Usher{bin: opts.Bin, dir: opts.Dir, socket: view.Admin.Socket}
+	for _, l := range view.IMAP.Listeners {
+		u.imapAddrs = append(u.imapAddrs, l.Address)
+	}
+	for _, l := range view.POP3.Listeners {
+		u.pop3Addrs = append(u.pop3Addrs, l.Address)
+	}
+	if u.dir == "" {
+		if u.dir, err = os.MkdirTemp("", "usher-run-"); err != nil {
+			return nil, fmt.Errorf("launch usher: %w", err)
+		}
+		u.ownDir = true
+	}
+	defer func() {
+		if err != nil {
+			_ = u.Stop()
+		}
+	}()
+	u.confPath = filepath.Join(u.dir, "usher.toml")
+	u.logPath = filepath.Join(u.dir, "usher.log")
+	if u.socket == "" {
+		u.socket = filepath.Join(u.dir, "usher-admin.sock")
+	}
+	if err := os.WriteFile(u.confPath, []byte(opts.Config), 0o644); err != nil {
+		return nil, fmt.Errorf("launch usher: %w", err)
+	}
+	if err := u.Start(opts.StartTimeout); err != nil {
+		return nil, err
+	}
+	return u, nil
+}
+
+// Start starts the usher process (again, after Stop) and waits until it is ready.
+func (u *Usher) Start(timeout time.Duration) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.cmd != nil {
+		return errors.New("start usher: already running")
+	}
+	logf, err := os.OpenFile(u.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("start usher: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(u.bin, "serve", "--config", u.confPath)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start usher: %w", err)
+	}
+	u.cmd = cmd
+	u.waitDone = make(chan struct{})
+	done := u.waitDone
+	go func() {
+		u.waitErr = cmd.Wait()
+		close(done)
+	}()
+
+	deadline := time.Now().Add(timeout)
+	check := func(network, addr string) error {
+		for {
+			c, err := net.DialTimeout(network, addr, 500*time.Millisecond)
+			if err == nil {
+				return c.Close()
+			}
+			select {
+			case <-done:
+				u.cmd = nil
+				tail, _ := tailFile(u.logPath, 30)
+				return fmt.Errorf("start usher: exited (%v) before %s %s was ready:\n%s", u.waitErr, network, addr, tail)
+			case <-time.After(50 * time.Millisecond):
+			}
+			if time.Now().After(deadline) {
+				tail, _ := tailFile(u.logPath, 30)
+				return fmt.Errorf("start usher: %s %s not ready after %v: %v\n%s", network, addr, timeout, err, tail)
+			}
+		}
+	}
+	for _, a := range append(append([]string{}, u.imapAddrs...), u.pop3Addrs...) {
+		if err := check("tcp", a); err != nil {
+			return err
+		}
+	}
+	return check("unix", u.socket)
+}
+
+// Stop terminates usher (SIGTERM, SIGKILL after 5s) with its process group
+// and removes the run directory if LaunchUsher created it.
+func (u *Usher) Stop() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	var errs []error
+	if u.cmd != nil {
+		pgid := u.cmd.Process.Pid
+		u.cmd = nil
+		_ = syscall.Kill(-pgid, syscall.SIGTERM)
+		select {
+		case <-u.waitDone:
+		case <-time.After(5 * time.Second):
+			_ = syscall.Kill(-pgid, syscall.SIGKILL)
+			<-u.waitDone
+			errs = append(errs, errors.New("stop usher: did not exit within 5s of SIGTERM"))
+		}
+		_ = syscall.Kill(-pgid, syscall.SIGKILL) // stray children, if any
+	}
+	if u.ownDir {
+		errs = append(errs, os.RemoveAll(u.dir))
+		u.ownDir = false
+	}
+	return errors.Join(errs...)
+}
+
+// Running reports whether the process is alive; err is its exit status otherwise.
+func (u *Usher) Running() (bool, error) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.cmd == nil {
+		return false, nil
+	}
+	select {
+	case <-u.waitDone:
+		return false, u.waitErr
+	default:
+		return true, nil
+	}
+}
+
+// PID is the usher process id (also its process group id), or 0 when stopped.
+func (u *Usher) PID() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.cmd != nil {
+		return u.cmd.Process.Pid
+	}
+	return 0
+}
+
+// IMAPAddr is the first IMAP listener's host:port ("" if none).
+func (u *Usher) IMAPAddr() string { return first(u.imapAddrs) }
+
+// POP3Addr is the first POP3 listener's host:port ("" if none).
+func (u *Usher) POP3Addr() string { return first(u.pop3Addrs) }
+
+func first(s []string) string {
+	if len(s) == 0 {
+		return ""
+	}
+	return s[0]
+}
+
+// Socket is the admin socket path.
+func (u *Usher) Socket() string { return u.socket }
+
+// ConfigPath is the written configuration file.
+func (u *Usher) ConfigPath() string { return u.confPath }
+
+// LogPath is the file usher's stdout and stderr go to.
+func (u *Usher) LogPath() string { return u.logPath }
+
+// Log returns usher's output so far.
+func (u *Usher) Log() string {
+	data, _ := os.ReadFile(u.logPath)
+	return string(data)
+}
+
+// CLI runs `usher WORDS... --socket S ARGS...` and returns its stdout; a
+// non-zero exit is an error carrying stderr.
+func (u *Usher) CLI(words []string, args ...string) ([]byte, error) {
+	argv := append(append(append([]string{}, words...), "--socket", u.socket), args...)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, u.bin, argv...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return stdout.Bytes(), fmt.Errorf("usher %s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.Bytes(), nil
+}
+
+// UserStatus is `usher status --json USER`.
+type UserStatus struct {
+	User        string     `json:"user"`
+	Key         string     `json:"key"`
+	Backend     string     `json:"backend"` // "" when usher has no record
+	Sessions    int        `json:"sessions"`
+	Expires     *time.Time `json:"expires"` // nil while sessions are open
+	HashBackend string     `json:"hash_backend"`
+}
+
+// BackendStatus is one entry of `usher status --json`.
+type BackendStatus struct {
+	Address  string `json:"address"`
+	Weight   int    `json:"weight"`
+	Tag      string `json:"tag"`
+	Up       bool   `json:"up"`
+	Users    int    `json:"users"`
+	Sessions int    `json:"sessions"`
+}
+
+// Status runs `usher status --json USER`.
+func (u *Usher) Status(user string) (*UserStatus, error) {
+	out, err := u.CLI([]string{"status"}, "--json", user)
+	if err != nil {
+		return nil, err
+	}
+	var st UserStatus
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("usher status --json %s: %w in %q", user, err, out)
+	}
+	return &st, nil
+}
+
+// BackendsStatus runs `usher status --json`.
+func (u *Usher) BackendsStatus() ([]BackendStatus, error) {
+	out, err := u.CLI([]string{"status"}, "--json")
+	if err != nil {
+		return nil, err
+	}
+	var st struct {
+		Backends []BackendStatus `json:"backends"`
+	}
+	if err := json.Unmarshal(out, &st); err != nil {
+		return nil, fmt.Errorf("usher status --json: %w in %q", err, out)
+	}
+	return st.Backends, nil
+}
+
+// BackendAdd runs `usher backend add --weight N ADDR`.
+func (u *Usher) BackendAdd(addr string, weight int) error {
+	_, err := u.CLI([]string{"backend", "add"}, "--weight", strconv.Itoa(weight), addr)
+	return err
+}
