@@ -1,12 +1,15 @@
 package test
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -156,12 +159,41 @@ func TestBackendsDirect(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Restart backend 1: its port closes, then serves again.
-	if err := b.Stop(1); err != nil {
+	// LMTP delivers into the shared Maildir, running the user's Sieve script;
+	// ManageSieve answers.
+	if err := b.SetSieve("user10@example.com", "require [\"fileinto\", \"mailbox\"];\nfileinto :create \"Sieved\";\n"); err != nil {
 		t.Fatal(err)
 	}
+	mark = b.Mark()
+	if err := LMTPDeliver(b.HostPort(2, PortLMTP), "sender@example.net", []string{"user9@example.com", "user10@example.com"}, testMessage("via lmtp")); err != nil {
+		t.Fatalf("LMTP delivery on backend 2: %v", err)
+	}
+	if files, _ := filepath.Glob(filepath.Join(b.MaildirPath("user9@example.com"), "new", "*")); len(files) != 1 {
+		t.Errorf("LMTP delivery: %d files in user9's new/, want 1", len(files))
+	}
+	if files, _ := filepath.Glob(filepath.Join(b.MaildirPath("user10@example.com"), ".Sieved", "new", "*")); len(files) != 1 {
+		t.Errorf("LMTP delivery through Sieve: %d files in user10's .Sieved/new/, want 1\n%s", len(files), strings.Join(b.LogLines(mark, 2), "\n"))
+	}
+	if conn, err := net.DialTimeout("tcp", b.HostPort(0, PortManageSieve), 5*time.Second); err != nil {
+		t.Errorf("ManageSieve: %v", err)
+	} else {
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		greet, _ := readLine(bufio.NewReader(conn))
+		conn.Close()
+		if !strings.Contains(greet, `"IMPLEMENTATION"`) {
+			t.Errorf("ManageSieve greeting %q lacks IMPLEMENTATION (RFC 5804 §1.7)", greet)
+		}
+	}
+
+	// Kill backend 1 (a crash: its session dies), then start it again.
+	if err := b.Kill(1); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := c1.Cmd("NOOP"); err == nil {
+		t.Errorf("session on backend 1 survived Kill: %+v", r)
+	}
 	if _, err := DialIMAP(b.HostPort(1, PortIMAP)); err == nil {
-		t.Fatal("backend 1 still accepts connections after Stop")
+		t.Fatal("backend 1 still accepts connections after Kill")
 	}
 	if err := b.Start(1); err != nil {
 		t.Fatal(err)

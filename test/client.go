@@ -338,3 +338,75 @@ func (c *POP3Client) Close() error {
 	_, _ = readLine(c.br)
 	return c.conn.Close()
 }
+
+// LMTPDeliver delivers msg to the recipients over LMTP (RFC 2033) at addr
+// and returns an error unless every recipient was accepted and got a 250
+// after the data (§4.2: one reply per successful RCPT).
+func LMTPDeliver(addr, from string, rcpts []string, msg []byte) error {
+	conn, err := dialFrom("", addr)
+	if err != nil {
+		return fmt.Errorf("lmtp dial %s: %w", addr, err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(clientTimeout))
+	br := bufio.NewReader(conn)
+	// reply reads one possibly multi-line reply ("250-…" continues, "250 …" ends).
+	reply := func(want string) error {
+		for {
+			line, err := readLine(br)
+			if err != nil {
+				return fmt.Errorf("lmtp read reply: %w", err)
+			}
+			if len(line) < 4 || !strings.HasPrefix(line, want) {
+				return fmt.Errorf("lmtp: got %q, want %s", line, want)
+			}
+			if line[3] == ' ' {
+				return nil
+			}
+		}
+	}
+	send := func(line, want string) error {
+		if _, err := fmt.Fprintf(conn, "%s\r\n", line); err != nil {
+			return fmt.Errorf("lmtp send %s: %w", verb(line), err)
+		}
+		return reply(want)
+	}
+	if err := reply("220"); err != nil {
+		return err
+	}
+	if err := send("LHLO e2e.example", "250"); err != nil {
+		return err
+	}
+	if err := send("MAIL FROM:<"+from+">", "250"); err != nil {
+		return err
+	}
+	for _, r := range rcpts {
+		if err := send("RCPT TO:<"+r+">", "250"); err != nil {
+			return err
+		}
+	}
+	if err := send("DATA", "354"); err != nil {
+		return err
+	}
+	var body strings.Builder
+	for _, line := range strings.SplitAfter(strings.ReplaceAll(string(msg), "\r\n", "\n"), "\n") {
+		if line == "" {
+			continue
+		}
+		if strings.HasPrefix(line, ".") { // RFC 5321 §4.5.2 dot-stuffing
+			body.WriteByte('.')
+		}
+		body.WriteString(strings.TrimSuffix(line, "\n") + "\r\n")
+	}
+	body.WriteString(".\r\n")
+	if _, err := io.WriteString(conn, body.String()); err != nil {
+		return fmt.Errorf("lmtp send data: %w", err)
+	}
+	for range rcpts {
+		if err := reply("250"); err != nil {
+			return err
+		}
+	}
+	_ = send("QUIT", "221")
+	return nil
+}

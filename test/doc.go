@@ -13,7 +13,9 @@
 // t.Cleanup), so a failing test leaves nothing behind; every network read has
 // a deadline; the standard ports mean only one set of backends can run at a
 // time on a machine, so tests of this package run one after another (never
-// t.Parallel) and StartBackends refuses to start when a port is taken.
+// t.Parallel), StartBackends takes a machine-wide flock for the lifetime of
+// the Backends (other test runs and the demo wait for it), and it refuses to
+// start when a port is taken anyway (a system Dovecot, say).
 //
 // The harness needs root (Dovecot binds ports below 1024 and switches to the
 // mail user); tests skip with a message when Dovecot or root is missing.

@@ -56,8 +56,14 @@ type BackendOptions struct {
 	MailUser string
 	// StartTimeout bounds how long one instance may take to listen (default 15s).
 	StartTimeout time.Duration
+	// StopGrace is how long Stop waits after SIGTERM before it sends SIGKILL
+	// (default 2s; Dovecot takes a few seconds with sessions open).
+	StopGrace time.Duration
 	// LogDebug turns on Dovecot's auth_debug and mail_debug.
 	LogDebug bool
+	// LockWait is how long StartBackends waits for another process's
+	// backends (another test run, `make demo`) to go away (default 2m).
+	LockWait time.Duration
 }
 
 // Backends is a set of running Dovecot instances sharing one Maildir root.
@@ -71,6 +77,8 @@ type Backends struct {
 	certs    *Certs
 	users    []string
 	uid, gid int
+
+	lock *os.File // machine-wide lock on the standard ports, see lockPorts
 
 	mu sync.Mutex
 	bs []*backend
@@ -113,9 +121,13 @@ func dovecotPath() string {
 }
 
 // NewBackends starts n backends for a test, fails the test on error and stops
-// them in t.Cleanup. It skips the test when Dovecot or root is missing.
+// them in t.Cleanup. It skips the test in -short mode and when Dovecot or
+// root is missing.
 func NewBackends(t testing.TB, n int) *Backends {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("skipping Dovecot end-to-end test in -short mode")
+	}
 	if err := DovecotAvailable(); err != nil {
 		t.Skipf("skipping Dovecot end-to-end test: %v", err)
 	}
@@ -162,6 +174,12 @@ func StartBackends(opts BackendOptions) (_ *Backends, err error) {
 	if opts.StartTimeout == 0 {
 		opts.StartTimeout = 15 * time.Second
 	}
+	if opts.StopGrace == 0 {
+		opts.StopGrace = 2 * time.Second
+	}
+	if opts.LockWait == 0 {
+		opts.LockWait = 2 * time.Minute
+	}
 	first := net.ParseIP(opts.FirstIP).To4()
 	if first == nil || !first.IsLoopback() {
 		return nil, fmt.Errorf("start backends: FirstIP %q is not an IPv4 loopback address", opts.FirstIP)
@@ -171,6 +189,15 @@ func StartBackends(opts BackendOptions) (_ *Backends, err error) {
 	}
 
 	b := &Backends{opts: opts, dir: opts.Dir}
+	if b.lock, err = lockPorts(opts.LockWait); err != nil {
+		return nil, fmt.Errorf("start backends: %w", err)
+	}
+	removeStaleDirs()
+	defer func() {
+		if err != nil {
+			_ = b.Close()
+		}
+	}()
 	if b.dir == "" {
 		// Short path: Dovecot's UNIX sockets live below base_dir (108-byte limit).
 		b.dir, err = os.MkdirTemp("", "usher-e2e-")
@@ -181,11 +208,6 @@ func StartBackends(opts BackendOptions) (_ *Backends, err error) {
 	} else if err := os.MkdirAll(b.dir, 0o755); err != nil {
 		return nil, fmt.Errorf("start backends: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			_ = b.Close()
-		}
-	}()
 	// Mail processes run as the mail user and must traverse the directory.
 	if err := os.Chmod(b.dir, 0o755); err != nil {
 		return nil, fmt.Errorf("start backends: %w", err)
@@ -466,7 +488,7 @@ func (b *Backends) Start(i int) error {
 			}
 			if time.Now().After(deadline) {
 				msg := b.startFailure(be)
-				b.stopLocked(be)
+				b.stopLocked(be, syscall.SIGKILL)
 				return fmt.Errorf("start backend %d: %s not listening after %v: %s", i, addr, b.opts.StartTimeout, msg)
 			}
 		}
@@ -493,8 +515,9 @@ func portFree(host string, port int) error {
 	return l.Close()
 }
 
-// Stop stops backend i and every process of it; its ports are free afterwards.
-// Stopping a stopped backend does nothing.
+// Stop stops backend i gracefully (SIGTERM to its process group, SIGKILL
+// after StopGrace) and waits until every process of it is gone and its ports
+// are free. Stopping a stopped backend does nothing.
 func (b *Backends) Stop(i int) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -502,30 +525,42 @@ func (b *Backends) Stop(i int) error {
 	if err != nil {
 		return fmt.Errorf("stop backend: %w", err)
 	}
-	return b.stopLocked(be)
+	return b.stopLocked(be, syscall.SIGTERM)
 }
 
-func (b *Backends) stopLocked(be *backend) error {
+// Kill kills backend i at once (SIGKILL to its process group), like a crash:
+// clients see their connections reset. It waits like Stop.
+func (b *Backends) Kill(i int) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	be, err := b.get(i)
+	if err != nil {
+		return fmt.Errorf("kill backend: %w", err)
+	}
+	return b.stopLocked(be, syscall.SIGKILL)
+}
+
+func (b *Backends) stopLocked(be *backend, sig syscall.Signal) error {
 	if be.cmd == nil {
 		return nil
 	}
 	pgid := be.cmd.Process.Pid
 	be.cmd = nil
-	_ = syscall.Kill(-pgid, syscall.SIGTERM)
+	_ = syscall.Kill(-pgid, sig)
 	select {
 	case <-be.waitDone:
-	case <-time.After(5 * time.Second):
+	case <-time.After(b.opts.StopGrace):
 		_ = syscall.Kill(-pgid, syscall.SIGKILL)
 		<-be.waitDone
 	}
 	// The master is gone; make sure its children are too.
-	deadline := time.Now().Add(3 * time.Second)
+	_ = syscall.Kill(-pgid, syscall.SIGKILL)
+	deadline := time.Now().Add(5 * time.Second)
 	for syscall.Kill(-pgid, 0) == nil {
 		if time.Now().After(deadline) {
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
-			deadline = time.Now().Add(2 * time.Second)
+			return fmt.Errorf("stop backend %d: process group %d survives SIGKILL", be.index, pgid)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond)
 	}
 	if err := portFree(be.addr, PortIMAP); err != nil {
 		return fmt.Errorf("stop backend %d: %w", be.index, err)
@@ -533,19 +568,72 @@ func (b *Backends) stopLocked(be *backend) error {
 	return nil
 }
 
-// Close stops every backend and removes the run directory if StartBackends
-// created it.
+// Close stops every backend (all at once) and removes the run directory if
+// StartBackends created it.
 func (b *Backends) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var errs []error
-	for _, be := range b.bs {
-		errs = append(errs, b.stopLocked(be))
+	errs := make([]error, len(b.bs)+1)
+	var wg sync.WaitGroup
+	for i, be := range b.bs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = b.stopLocked(be, syscall.SIGTERM)
+		}()
 	}
+	wg.Wait()
 	if b.ownDir && b.dir != "" {
-		errs = append(errs, os.RemoveAll(b.dir))
+		errs[len(b.bs)] = os.RemoveAll(b.dir)
+		b.ownDir = false
+	}
+	if b.lock != nil {
+		b.lock.Close() // releases the flock
+		b.lock = nil
 	}
 	return errors.Join(errs...)
+}
+
+// removeStaleDirs removes run directories that StartBackends created in
+// earlier processes which died without Close (a `go test -timeout` panic).
+// Such a directory is only in use while its process holds the lock, and we
+// hold it now.
+func removeStaleDirs() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "usher-e2e-*"))
+	for _, d := range dirs {
+		if st, err := os.Stat(d); err == nil && st.IsDir() {
+			_ = os.RemoveAll(d)
+		}
+	}
+}
+
+// lockPorts takes the machine-wide lock that serialises users of the
+// standard Dovecot ports on 127.0.1.x (test binaries of several `go test`
+// runs, the demo), waiting up to wait for the current holder. The lock is
+// an flock, so it dies with its process; the file names the holder.
+func lockPorts(wait time.Duration) (*os.File, error) {
+	path := filepath.Join(os.TempDir(), "usher-backends.lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock backend ports: %w", err)
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			holder, _ := os.ReadFile(path)
+			f.Close()
+			return nil, fmt.Errorf("lock backend ports: %s is held by %s (another e2e run, or `make demo`: stop it with make demo-stop): %w",
+				path, strings.TrimSpace(string(holder)), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_ = f.Truncate(0)
+	_, _ = f.WriteAt([]byte(fmt.Sprintf("pid %d (%s)\n", os.Getpid(), filepath.Base(os.Args[0]))), 0)
+	return f, nil
 }
 
 // N is the number of backends.
@@ -613,11 +701,41 @@ func (b *Backends) MailRoot() string { return b.mailRoot }
 
 // MaildirPath is user's Maildir (INBOX) as Dovecot expands maildir:<root>/%d/%n.
 func (b *Backends) MaildirPath(user string) string {
-	n, d := user, ""
+	n, d := splitUser(user)
+	return filepath.Join(b.mailRoot, d, n)
+}
+
+// HomePath is user's home directory (home=<homes>/%d/%n in the userdb).
+func (b *Backends) HomePath(user string) string {
+	n, d := splitUser(user)
+	return filepath.Join(b.homeRoot, d, n)
+}
+
+func splitUser(user string) (name, domain string) {
+	name = user
 	if at := strings.LastIndexByte(user, '@'); at >= 0 {
-		n, d = user[:at], user[at+1:]
+		name, domain = user[:at], user[at+1:]
 	}
-	return filepath.Join(b.mailRoot, strings.ToLower(d), strings.ToLower(n))
+	return strings.ToLower(name), strings.ToLower(domain)
+}
+
+// SetSieve installs script as user's active Sieve script (~/.dovecot.sieve),
+// which LMTP deliveries run through the sieve plugin.
+func (b *Backends) SetSieve(user, script string) error {
+	home := b.HomePath(user)
+	for _, d := range []string{filepath.Dir(home), home} {
+		if err := mkdirOwned(d, b.uid, b.gid); err != nil {
+			return fmt.Errorf("set sieve of %s: %w", user, err)
+		}
+	}
+	p := filepath.Join(home, ".dovecot.sieve")
+	if err := os.WriteFile(p, []byte(script), 0o644); err != nil {
+		return fmt.Errorf("set sieve of %s: %w", user, err)
+	}
+	if err := os.Chown(p, b.uid, b.gid); err != nil {
+		return fmt.Errorf("set sieve of %s: %w", user, err)
+	}
+	return nil
 }
 
 // Deliver puts msg into user's INBOX by writing it straight into the Maildir's

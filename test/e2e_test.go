@@ -69,8 +69,11 @@ func setup(t *testing.T, started, configured int, mod func(*Backends, *UsherConf
 	if testing.Short() {
 		t.Skip("skipping end-to-end test in -short mode")
 	}
+	if err := DovecotAvailable(); err != nil {
+		t.Skipf("skipping Dovecot end-to-end test: %v", err)
+	}
+	bin := build.get(t) // before the backends: a cold build can take a while
 	b := NewBackends(t, started)
-	bin := build.get(t)
 	ports, err := FreePorts(2)
 	if err != nil {
 		t.Fatal(err)
@@ -136,6 +139,21 @@ func (e *e2e) status(t *testing.T, user string) *UserStatus {
 		t.Fatal(err)
 	}
 	return st
+}
+
+// waitStatus polls `usher status --json USER` until ok accepts it or logWait
+// passes (usher updates session counts a moment after the client's view
+// changed) and returns the last status.
+func (e *e2e) waitStatus(t *testing.T, user string, ok func(*UserStatus) bool) *UserStatus {
+	t.Helper()
+	deadline := time.Now().Add(logWait)
+	for {
+		st := e.status(t, user)
+		if ok(st) || time.Now().After(deadline) {
+			return st
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
 }
 
 // whoServed waits for user's login after mark and returns the backend index.
@@ -302,7 +320,7 @@ func TestE2ESameUserSameBackend(t *testing.T) {
 			t.Errorf("%s: no lip= in login line %q", user, lines[0])
 		}
 
-		st := e.status(t, user)
+		st := e.waitStatus(t, user, func(st *UserStatus) bool { return st.Sessions == 0 })
 		if st.Backend != e.b.Addr(who) {
 			t.Errorf("%s: usher status backend %q, but backend %s served it", user, st.Backend, e.b.Addr(who))
 		}
@@ -376,7 +394,7 @@ func TestE2EConcurrentIMAPAndPOP3(t *testing.T) {
 		if imapLines != 1 || popLines != 1 {
 			t.Errorf("%s on backend %d: %d imap-login and %d pop3-login lines, want 1 each", user, who, imapLines, popLines)
 		}
-		st := e.status(t, user)
+		st := e.waitStatus(t, user, func(st *UserStatus) bool { return st.Sessions == 2 })
 		if st.Backend != e.b.Addr(who) || st.Sessions != 2 || st.Expires != nil {
 			t.Errorf("%s: usher status %+v; want backend %s, 2 sessions, no expiry", user, st, e.b.Addr(who))
 		}
@@ -386,14 +404,7 @@ func TestE2EConcurrentIMAPAndPOP3(t *testing.T) {
 		}
 		pop.Close()
 		imapc.Close()
-		deadline := time.Now().Add(logWait)
-		for {
-			st = e.status(t, user)
-			if st.Sessions == 0 || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		st = e.waitStatus(t, user, func(st *UserStatus) bool { return st.Sessions == 0 })
 		if st.Sessions != 0 || st.Expires == nil || st.Backend != e.b.Addr(who) {
 			t.Errorf("%s: after both logouts usher status %+v; want 0 sessions, an expiry, backend kept", user, st)
 		}
@@ -527,7 +538,7 @@ func TestE2EWrongPassword(t *testing.T) {
 		}
 		t.Logf("client saw: NO %s", r.Text)
 		mismatch("user5@example.com")
-		if st := e.status(t, "user5@example.com"); st.Sessions != 0 {
+		if st := e.waitStatus(t, "user5@example.com", func(st *UserStatus) bool { return st.Sessions == 0 }); st.Sessions != 0 {
 			t.Errorf("failed login left a session in usher: %+v", st)
 		}
 		// RFC 3501 §6.2.3: after NO the client may try again on the same connection.

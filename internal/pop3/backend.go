@@ -65,7 +65,7 @@ func (b *backend) cmd(line string) (string, error) {
 	return b.readLine()
 }
 
-// capa returns whether the backend lists XCLIENT in its CAPA reply
+// capaXCLIENT returns whether the backend lists XCLIENT in its CAPA reply
 // (RFC 2449 section 5). A backend without CAPA answers -ERR, which means no
 // capabilities.
 func (b *backend) capaXCLIENT() (bool, error) {

@@ -63,7 +63,14 @@ func (m *memConn) SetDeadline(time.Time) error      { return nil }
 func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
 func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
 
-const maxFuzzInput = 12 << 10
+// In FuzzPreLogin lines are capped at fuzzMaxLine, so short inputs reach
+// the overlong-line path, and inputs at maxFuzzInput: the fuzzer's
+// minimization is quadratic in the input length, and long inputs only made
+// it stall.
+const (
+	fuzzMaxLine  = 256
+	maxFuzzInput = 4 << 10
+)
 
 // FuzzPreLogin feeds arbitrary client input to the AUTHORIZATION state with
 // a Director that refuses every user. The first byte selects the listener's
@@ -76,9 +83,7 @@ func FuzzPreLogin(f *testing.F) {
 	discard := slog.New(slog.DiscardHandler)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) > maxFuzzInput {
-			// Long enough for one overlong line; longer inputs only slow
-			// the fuzzer's minimization down (the 512 KiB flood that ends a
-			// session is covered by TestLongLines).
+			// The flood that ends a session is covered by TestLongLines.
 			t.Skip()
 		}
 		var flags byte
@@ -106,6 +111,7 @@ func FuzzPreLogin(f *testing.F) {
 		d := &fakeDirector{err: proxy.ErrUnavailable}
 		srv := New(Options{Director: d, IdleTimeout: time.Second,
 			Backend: proxy.BackendOptions{Port: 110, LoginTimeout: time.Second}})
+		srv.maxLine = fuzzMaxLine
 
 		// Synchronous: memConn reads never block and the Director answers
 		// at once, so Serve must return by itself (a hang fails the run by
@@ -145,6 +151,11 @@ func FuzzPreLogin(f *testing.F) {
 // on arbitrary lines.
 func FuzzParseCommand(f *testing.F) {
 	f.Fuzz(func(t *testing.T, line []byte) {
+		if len(line) > 1<<10 {
+			// Nothing in the parser depends on length past the keyword;
+			// long inputs only stall the fuzzer's quadratic minimization.
+			t.Skip()
+		}
 		cmd, err := parseCommand(line)
 		if err != nil {
 			return

@@ -2,9 +2,11 @@
 // of POP3 to the client (RFC 1939, with CAPA and extended response codes of
 // RFC 2449, the SYS and AUTH codes of RFC 3206, STLS of RFC 2595 and SASL
 // AUTH PLAIN of RFC 5034) until it knows the user name and password, asks
-// the Director for the user's backend, replays the login there (after
-// XCLIENT, so the backend sees the real client) and then splices the two
-// connections.
+// the Director for the user's backend, replays the login there and then
+// splices the two connections. Before the login usher sends XCLIENT when the
+// backend offers it (Dovecot's "+OK [XCLIENT]" greeting to trusted peers, or
+// an XCLIENT capability), so the backend sees the real client and usher's
+// session ID.
 //
 // Invariants:
 //   - Every client read has the idle deadline and a line cap (wire.Reader);
@@ -72,12 +74,15 @@ type Options struct {
 // concurrent use (it holds only its options).
 type Server struct {
 	o Options
+	// maxLine caps a client line; tests lower it so short inputs reach the
+	// overlong-line path.
+	maxLine int
 }
 
 var _ proxy.Handler = (*Server)(nil)
 
 // New returns a POP3 Server.
-func New(o Options) *Server { return &Server{o: o} }
+func New(o Options) *Server { return &Server{o: o, maxLine: wire.DefaultMaxLine} }
 
 func (s *Server) idleTimeout() time.Duration {
 	if s.o.IdleTimeout > 0 {
@@ -99,6 +104,10 @@ type client struct {
 	sess *proxy.Session
 	r    *wire.Reader
 
+	// unwatch stops the shutdown watcher before splicing; false means the
+	// shutdown already closed the client connection.
+	unwatch func() bool
+
 	user     string // from USER, waiting for PASS
 	hasUser  bool
 	bad      int // consecutive bad commands
@@ -113,13 +122,13 @@ func (s *Server) Serve(ctx context.Context, sess *proxy.Session) (reason string)
 	if sess.Log == nil {
 		sess.Log = slog.New(slog.DiscardHandler)
 	}
-	c := &client{srv: s, sess: sess, r: wire.NewReader(sess.Conn, s.idleTimeout(), wire.DefaultMaxLine)}
+	c := &client{srv: s, sess: sess, r: wire.NewReader(sess.Conn, s.idleTimeout(), s.maxLine)}
 	// A shutdown closes the client connection (and with it any TLS layered
 	// on it later), which ends a pending read at once; a read deadline set
 	// from here could be overwritten by the reader's next one.
 	raw := sess.Conn
-	stop := context.AfterFunc(ctx, func() { raw.Close() })
-	defer stop()
+	c.unwatch = context.AfterFunc(ctx, func() { raw.Close() })
+	defer c.unwatch()
 
 	if err := c.reply(replyGreeting); err != nil {
 		return c.writeFailed(ctx)
@@ -139,14 +148,14 @@ func (s *Server) Serve(ctx context.Context, sess *proxy.Session) (reason string)
 			}
 			return c.readFailed(ctx, err)
 		}
-		if reason, end := c.handle(ctx, line, stop); end {
+		if reason, end := c.handle(ctx, line); end {
 			return reason
 		}
 	}
 }
 
 // handle runs one command line. end reports that the session is over.
-func (c *client) handle(ctx context.Context, line []byte, stop func() bool) (reason string, end bool) {
+func (c *client) handle(ctx context.Context, line []byte) (reason string, end bool) {
 	c.commands++
 	if c.commands > maxCommands {
 		c.sess.Log.Info("too many commands without login")
@@ -168,13 +177,14 @@ func (c *client) handle(ctx context.Context, line []byte, stop func() bool) (rea
 	case "USER":
 		return c.cmdUser(cmd.args)
 	case "PASS":
-		return c.cmdPass(ctx, cmd.args, stop)
+		return c.cmdPass(ctx, cmd.args)
 	case "AUTH":
-		return c.cmdAuth(ctx, cmd.args, stop)
+		return c.cmdAuth(ctx, cmd.args)
 	case "STLS":
 		return c.cmdSTLS(ctx)
 	case "QUIT":
-		// RFC 1939 section 6: QUIT in the AUTHORIZATION state just closes.
+		// RFC 1939 section 4: QUIT in the AUTHORIZATION state ends the
+		// session without entering the UPDATE state.
 		_ = c.reply(replyLogout)
 		return "logout", true
 	default:
@@ -191,12 +201,12 @@ func (c *client) handle(ctx context.Context, line []byte, stop func() bool) (rea
 func (c *client) capabilities() []string {
 	caps := []string{replyCapa}
 	if c.sess.PlaintextAllowed() {
-		caps = append(caps, "USER", "SASL PLAIN") // RFC 2449 section 6.3, 6.4
+		caps = append(caps, "USER", "SASL PLAIN") // RFC 2449 sections 6.2, 6.3
 	}
 	if c.stlsOffered() {
 		caps = append(caps, "STLS") // RFC 2595 section 4
 	}
-	// RFC 2449 section 6.6, RFC 3206 section 6 and RFC 2449 section 6.9.
+	// RFC 2449 section 6.4, RFC 3206 section 6, RFC 2449 section 6.9.
 	return append(caps, "RESP-CODES", "AUTH-RESP-CODE", "IMPLEMENTATION usher", ".")
 }
 
@@ -219,7 +229,7 @@ func (c *client) cmdUser(args string) (string, bool) {
 
 // cmdPass is RFC 1939 section 7 PASS: valid after USER; the rest of the line
 // is the password.
-func (c *client) cmdPass(ctx context.Context, args string, stop func() bool) (string, bool) {
+func (c *client) cmdPass(ctx context.Context, args string) (string, bool) {
 	if !c.sess.PlaintextAllowed() {
 		return c.done(c.reply(replyPlainDisallowed))
 	}
@@ -231,14 +241,14 @@ func (c *client) cmdPass(ctx context.Context, args string, stop func() bool) (st
 	if args == "" {
 		return c.done(c.reply(replyEmptyPass))
 	}
-	return c.login(ctx, cr, stop)
+	return c.login(ctx, cr)
 }
 
 // cmdAuth is RFC 5034 AUTH. Without arguments it lists the mechanisms (the
 // pre-RFC discovery some clients still use); PLAIN takes an optional initial
 // response, otherwise usher sends an empty challenge and reads one response
 // line. "*" cancels (RFC 5034 section 4).
-func (c *client) cmdAuth(ctx context.Context, args string, stop func() bool) (string, bool) {
+func (c *client) cmdAuth(ctx context.Context, args string) (string, bool) {
 	mech, ir, hasIR := strings.Cut(args, " ")
 	if mech == "" {
 		lines := []string{replyMechs}
@@ -282,7 +292,7 @@ func (c *client) cmdAuth(ctx context.Context, args string, stop func() bool) (st
 	if err != nil {
 		return c.done(c.reply(replyBadPlain))
 	}
-	return c.login(ctx, cr, stop)
+	return c.login(ctx, cr)
 }
 
 // cmdSTLS is RFC 2595 section 4 STLS.
@@ -313,7 +323,7 @@ func (c *client) cmdSTLS(ctx context.Context) (string, bool) {
 		return "tls handshake failed", true
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
-	c.r = wire.NewReader(tc, c.srv.idleTimeout(), wire.DefaultMaxLine)
+	c.r = wire.NewReader(tc, c.srv.idleTimeout(), c.srv.maxLine)
 	// RFC 2595 section 4: the client discards what it knew; usher forgets a
 	// USER given before.
 	c.user, c.hasUser = "", false
@@ -322,7 +332,7 @@ func (c *client) cmdSTLS(ctx context.Context) (string, bool) {
 
 // login acquires the user's backend, replays the login there and, on
 // success, splices the connections until the session ends.
-func (c *client) login(ctx context.Context, cr *credentials, stop func() bool) (string, bool) {
+func (c *client) login(ctx context.Context, cr *credentials) (string, bool) {
 	start := time.Now()
 	log := c.sess.Log.With("user", cr.user)
 	if c.srv.o.Director == nil {
@@ -354,7 +364,7 @@ func (c *client) login(ctx context.Context, cr *credentials, stop func() bool) (
 		bconn.Close()
 		return c.writeFailed(ctx), true
 	}
-	if !stop() {
+	if !c.unwatch() {
 		// The shutdown already closed the client connection.
 		bconn.Close()
 		return "shutdown", true

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -64,8 +65,12 @@ func NewServer(o ServerOptions) *Server {
 // Listen opens every listener, so that configuration errors (address in use)
 // surface before serving starts.
 func (s *Server) Listen() error {
-	for _, l := range s.o.Listeners {
-		if l.TLS != config.TLSNone && l.TLS != "" && l.TLSConfig == nil {
+	for i := range s.o.Listeners {
+		l := &s.o.Listeners[i]
+		if l.TLS == "" {
+			l.TLS = config.TLSNone
+		}
+		if l.TLS != config.TLSNone && l.TLSConfig == nil {
 			s.Close()
 			return fmt.Errorf("listen %s %s: tls %s needs a certificate", s.o.Proto, l.Address, l.TLS)
 		}
@@ -162,6 +167,17 @@ func (s *Server) leave(ip netip.Addr) {
 	}
 }
 
+// Addrs returns the addresses of the open listeners (useful with port 0).
+func (s *Server) Addrs() []net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]net.Addr, len(s.lns))
+	for i, ln := range s.lns {
+		out[i] = ln.Addr()
+	}
+	return out
+}
+
 // Sessions returns the number of open sessions.
 func (s *Server) Sessions() int {
 	s.mu.Lock()
@@ -201,9 +217,6 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 		ID: id, Proto: s.o.Proto, Conn: c, Remote: remote, Local: local, Start: time.Now(), Log: log,
 		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Trusted: s.trusted(remote.Addr()),
 	}
-	if sess.TLSMode == "" {
-		sess.TLSMode = config.TLSNone
-	}
 	// Closing the raw connection also ends any TLS layer the handler put on it.
 	ctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(ctx, func() { c.Close() })
@@ -216,6 +229,16 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 	log.Info("session start", "local", local.String(), "tls", string(sess.TLSMode))
 
 	reason := ""
+	defer func() {
+		// A bug in one session must not take the director down.
+		if r := recover(); r != nil {
+			log.Error("session panic", "panic", r, "stack", string(debug.Stack()))
+			reason = "internal error"
+		}
+		log.Info("session end", "user", sess.User, "backend", sess.Backend,
+			"bytes_in", sess.BytesIn.Load(), "bytes_out", sess.BytesOut.Load(),
+			"duration", time.Since(sess.Start).Round(time.Millisecond).String(), "reason", reason)
+	}()
 	if spec.TLS == config.TLSImplicit {
 		tc := tls.Server(c, spec.TLSConfig)
 		hctx, hcancel := context.WithTimeout(ctx, s.o.HandshakeTimeout)
@@ -231,7 +254,4 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 	if reason == "" {
 		reason = s.o.Handler.Serve(ctx, sess)
 	}
-	log.Info("session end", "user", sess.User, "backend", sess.Backend,
-		"bytes_in", sess.BytesIn.Load(), "bytes_out", sess.BytesOut.Load(),
-		"duration", time.Since(sess.Start).Round(time.Millisecond).String(), "reason", reason)
 }

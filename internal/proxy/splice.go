@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Splice copies bytes both ways between client and backend until both
@@ -38,42 +40,44 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 	_ = client.SetDeadline(noDeadline)
 	_ = backend.SetDeadline(noDeadline)
 
-	type result struct {
-		fromClient bool
-		err        error
-	}
-	results := make(chan result, 2)
+	// firstEnded records which direction's copy returned first. It is set
+	// before closeWrite forwards the end to the peer, whose reaction may end
+	// the other direction before this goroutine reports.
+	var firstEnded atomic.Int32 // 0 unset, 1 client->backend, 2 backend->client
+	errs := make(chan error, 2)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
 		n, err := io.Copy(backend, client)
+		firstEnded.CompareAndSwap(0, 1)
 		s.BytesIn.Add(n)
 		closeWrite(backend)
-		results <- result{true, err}
+		errs <- err
 	}()
 	go func() {
 		defer wg.Done()
 		n, err := io.Copy(client, backend)
+		if firstEnded.CompareAndSwap(0, 2) {
+			// The backend is gone: a client that vanished without closing
+			// must not hold the session open, so its remaining input gets
+			// a short grace period.
+			_ = client.SetReadDeadline(time.Now().Add(backendGoneGrace))
+		}
 		s.BytesOut.Add(n)
 		closeWrite(client)
-		results <- result{false, err}
+		errs <- err
 	}()
 
 	closeBoth := func() {
 		client.Close()
 		backend.Close()
 	}
-	var first result
-	got := 0
-	for got < 2 {
+	for got := 0; got < 2; {
 		select {
-		case r := <-results:
+		case err := <-errs:
 			got++
-			if got == 1 {
-				first = r
-			}
-			if r.err != nil && !errors.Is(r.err, net.ErrClosed) {
+			if err != nil && !errors.Is(err, net.ErrClosed) {
 				closeBoth() // a failed direction ends the session
 			}
 		case <-ctx.Done():
@@ -87,11 +91,15 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 		}
 	}
 	closeBoth()
-	if first.fromClient {
+	if firstEnded.Load() == 1 {
 		return "client closed"
 	}
 	return "backend closed"
 }
+
+// backendGoneGrace is how long a client may keep sending after the backend
+// closed its side.
+const backendGoneGrace = 10 * time.Second
 
 // closeWrite half-closes c's write side when the connection type supports it,
 // else closes it.

@@ -80,7 +80,8 @@ func (r *Reader) Pending() []byte {
 // The returned slice is only valid until the next read.
 func (r *Reader) ReadLine() ([]byte, error) {
 	var long []byte // only used when a line spans bufio's buffer
-	total := 0
+	total := 0      // bytes of this line so far, line end included
+	prevCR := false // the previous chunk ended in CR
 	for {
 		if err := r.deadline(); err != nil {
 			return nil, fmt.Errorf("set read deadline: %w", err)
@@ -88,7 +89,11 @@ func (r *Reader) ReadLine() ([]byte, error) {
 		chunk, err := r.br.ReadSlice('\n')
 		total += len(chunk)
 		if err == nil {
-			if total-1 > r.MaxLine+1 { // allow the CR
+			eol := 1
+			if (len(chunk) >= 2 && chunk[len(chunk)-2] == '\r') || (len(chunk) == 1 && prevCR) {
+				eol = 2
+			}
+			if total-eol > r.MaxLine {
 				return nil, ErrLineTooLong
 			}
 			if long != nil {
@@ -102,6 +107,7 @@ func (r *Reader) ReadLine() ([]byte, error) {
 			}
 			return nil, err
 		}
+		prevCR = chunk[len(chunk)-1] == '\r'
 		if total > r.MaxLine+1 {
 			// Keep discarding until the line ends, within a bound.
 			if total > 64*r.MaxLine {

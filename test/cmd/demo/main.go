@@ -78,6 +78,14 @@ func run(o options, log *slog.Logger) error {
 		log.Info("backends stopped")
 	}()
 	log.Info("backends started", "backend", strings.Join(b.Addrs(), ","))
+	for _, user := range b.Users() {
+		msg := fmt.Sprintf("From: usher demo <demo@example.com>\r\nTo: %s\r\nSubject: Welcome to the usher demo\r\n"+
+			"Date: %s\r\n\r\nHello %s, this message was dropped into your Maildir by the demo.\r\n",
+			user, time.Now().Format(time.RFC1123Z), user)
+		if _, err := b.Deliver(user, []byte(msg)); err != nil {
+			return fmt.Errorf("run demo: %w", err)
+		}
+	}
 
 	cfg := test.UsherConfig{
 		IMAPAddr:    o.imapAddr,
@@ -163,8 +171,8 @@ func instructions(o options, b *test.Backends, u *test.Usher) string {
 	w("")
 	w("Try:")
 	w("  curl -s imap://%s/ -u user1@example.com:%s", o.imapAddr, pass)
-	w("  curl -s 'imap://%s/INBOX?ALL' -u user1@example.com:%s", o.imapAddr, pass)
-	w("  curl -s pop3://%s/ -u user2@example.com:%s", o.pop3Addr, pass)
+	w("  curl -s 'imap://%s/INBOX;UID=1' -u user1@example.com:%s   # the welcome message", o.imapAddr, pass)
+	w("  curl -s pop3://%s/1 -u user2@example.com:%s", o.pop3Addr, pass)
 	w("  openssl s_client -quiet -starttls imap -connect %s -CAfile %s", o.imapAddr, ca)
 	w("      then: a LOGIN user1@example.com %s / b SELECT INBOX / c LOGOUT", pass)
 	w("  openssl s_client -quiet -starttls pop3 -connect %s -CAfile %s", o.pop3Addr, ca)
