@@ -9,8 +9,12 @@
 //   - Load and Parse return a Config with every default applied. Defaults are
 //     filled in before the file is decoded over them, so a value written in the
 //     file always wins, including a 0 that means "unlimited".
-//   - Relative file paths (admin.socket, listener cert/key, backend_ca) are
-//     resolved against the directory of the configuration file.
+//   - Relative file paths (state_file, admin.socket, admin.token_file,
+//     listener cert/key, backend_ca) are resolved against the directory of
+//     the configuration file.
+//   - Keys of [tags] are lower-case domains and its values valid backend
+//     tags (checked when parsing and again by Validate), so TagFor only
+//     needs to lower-case the user's domain.
 //   - Validate reports every problem at once (errors.Join), each naming the key
 //     it is about, e.g. "imap.listener[0].address: ...". Code using a Config
 //     may rely on everything Validate checks.
@@ -44,7 +48,22 @@ const (
 	DefaultIMAPBackendPort  = 143
 	DefaultPOP3BackendPort  = 110
 	DefaultBackendWeight    = 100
+	DefaultStateFile        = "usher-state.json"
+	DefaultMoveWait         = 30 * time.Second
+	DefaultShutdownGrace    = 30 * time.Second
+
+	DefaultHealthInterval   = 5 * time.Second
+	DefaultHealthTimeout    = 3 * time.Second
+	DefaultHealthFall       = 3
+	DefaultHealthRise       = 2
+	DefaultHealthFlapWindow = 5 * time.Minute
+	DefaultHealthFlapMax    = 4
+	DefaultHealthHoldDown   = 2 * time.Minute
 )
+
+// DefaultAdminAllow returns the default admin.allow, used when admin.listen
+// is set and admin.allow is empty: loopback only. A fresh slice per call.
+func DefaultAdminAllow() []string { return []string{"127.0.0.0/8", "::1/128"} }
 
 // MaxFileSize caps the size of a configuration file Load reads.
 const MaxFileSize = 1 << 20
@@ -178,8 +197,9 @@ func (d Duration) MarshalText() ([]byte, error) {
 //
 // The first call on a Config treats every zero value as unset. Later calls
 // (Parse makes one after decoding) only fill what a file cannot set to a
-// meaningful zero: nil pointers (backend weight, backend_tls_verify), an
-// empty listener tls, an empty admin.socket. So an explicit
+// meaningful zero: nil pointers (backend weight, backend_tls_verify,
+// health.enabled), an empty listener tls, an empty admin.socket or
+// state_file, an empty admin.allow while admin.listen is set. So an explicit
 // `max_sessions = 0` (unlimited) or an explicit invalid `user_expire = "0s"`
 // (reported by Validate) is never overwritten. ApplyDefaults is idempotent.
 func (c *Config) ApplyDefaults() {
@@ -194,6 +214,9 @@ func (c *Config) ApplyDefaults() {
 		setDuration(&c.Timeouts.PreLoginIdle, DefaultPreLoginIdle)
 		setDuration(&c.Timeouts.BackendConnect, DefaultBackendConnect)
 		setDuration(&c.Timeouts.BackendLogin, DefaultBackendLogin)
+		setDuration(&c.Timeouts.MoveWait, DefaultMoveWait)
+		setDuration(&c.Timeouts.ShutdownGrace, DefaultShutdownGrace)
+		c.Health.firstDefaults()
 		c.IMAP.firstDefaults(DefaultIMAPBackendPort)
 		c.POP3.firstDefaults(DefaultPOP3BackendPort)
 	}
@@ -205,6 +228,16 @@ func (c *Config) ApplyDefaults() {
 		c.Admin.Socket = DefaultAdminSocket
 	}
 	c.Admin.Socket = resolve(dir, c.Admin.Socket)
+	c.Admin.TokenFile = resolve(dir, c.Admin.TokenFile)
+	if c.Admin.Listen != "" && len(c.Admin.Allow) == 0 {
+		c.Admin.Allow = DefaultAdminAllow()
+	}
+	setString(&c.StateFile, DefaultStateFile)
+	c.StateFile = resolve(dir, c.StateFile)
+	if c.Health.Enabled == nil {
+		v := true
+		c.Health.Enabled = &v
+	}
 	c.IMAP.laterDefaults(dir)
 	c.POP3.laterDefaults(dir)
 	for i := range c.Backends {
@@ -213,6 +246,22 @@ func (c *Config) ApplyDefaults() {
 			c.Backends[i].Weight = &w
 		}
 	}
+}
+
+func (h *Health) firstDefaults() {
+	setDuration(&h.Interval, DefaultHealthInterval)
+	setDuration(&h.Timeout, DefaultHealthTimeout)
+	if h.Fall == 0 {
+		h.Fall = DefaultHealthFall
+	}
+	if h.Rise == 0 {
+		h.Rise = DefaultHealthRise
+	}
+	setDuration(&h.FlapWindow, DefaultHealthFlapWindow)
+	if h.FlapMax == 0 {
+		h.FlapMax = DefaultHealthFlapMax
+	}
+	setDuration(&h.HoldDown, DefaultHealthHoldDown)
 }
 
 func (s *Service) firstDefaults(port int) {

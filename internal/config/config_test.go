@@ -109,6 +109,23 @@ func TestExampleLoadsAndValidates(t *testing.T) {
 	if !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("Validate error does not wrap fs.ErrNotExist: %v", err)
 	}
+
+	exampleDir := filepath.Dir(abs)
+	if want := filepath.Join(exampleDir, "usher-state.json"); c.StateFile != want {
+		t.Errorf("state_file = %q, want %q", c.StateFile, want)
+	}
+	if len(c.Tags) != 1 || c.Tags["archive.example.com"] != "archive" {
+		t.Errorf("tags = %v, want archive.example.com = archive", c.Tags)
+	}
+	if got := c.TagFor("bob@Archive.Example.COM"); got != "archive" {
+		t.Errorf("TagFor = %q, want archive", got)
+	}
+	if !c.Health.IsEnabled() || c.Health.Fall != 3 || c.Timeouts.MoveWait.Duration != 30*time.Second {
+		t.Errorf("health %+v, move_wait %s", c.Health, c.Timeouts.MoveWait)
+	}
+	if w := c.Warnings(); len(w) != 0 {
+		t.Errorf("example Warnings = %q, want none", w)
+	}
 }
 
 // TestExampleHasEveryKey keeps the documented example complete.
@@ -126,6 +143,9 @@ func TestExampleHasEveryKey(t *testing.T) {
 	walk = func(prefix string, v any) {
 		switch v := v.(type) {
 		case map[string]any:
+			// A table is itself a key: SchemaKeys lists the map-typed [tags]
+			// as a leaf, while struct tables are never listed.
+			present[prefix] = true
 			for k, e := range v {
 				walk(strings.TrimPrefix(prefix+"."+k, "."), e)
 			}
@@ -205,6 +225,38 @@ func TestDefaults(t *testing.T) {
 	}
 	if c.IMAP.BackendTLSVerify == c.POP3.BackendTLSVerify {
 		t.Error("imap and pop3 share one backend_tls_verify pointer")
+	}
+	newChecks := []struct {
+		name      string
+		got, want any
+	}{
+		{"state_file", c.StateFile, filepath.Join(dir, "usher-state.json")},
+		{"timeouts.move_wait", c.Timeouts.MoveWait.Duration, 30 * time.Second},
+		{"timeouts.shutdown_grace", c.Timeouts.ShutdownGrace.Duration, 30 * time.Second},
+		{"health.enabled", *c.Health.Enabled, true},
+		{"health.IsEnabled", c.Health.IsEnabled(), true},
+		{"health.interval", c.Health.Interval.Duration, 5 * time.Second},
+		{"health.timeout", c.Health.Timeout.Duration, 3 * time.Second},
+		{"health.fall", c.Health.Fall, 3},
+		{"health.rise", c.Health.Rise, 2},
+		{"health.flap_window", c.Health.FlapWindow.Duration, 5 * time.Minute},
+		{"health.flap_max", c.Health.FlapMax, 4},
+		{"health.hold_down", c.Health.HoldDown.Duration, 2 * time.Minute},
+		{"health.login_user", c.Health.LoginUser, ""},
+		{"health.login_password", c.Health.LoginPassword, ""},
+		{"admin.listen", c.Admin.Listen, ""},
+		{"admin.token", c.Admin.Token, ""},
+		{"admin.token_file", c.Admin.TokenFile, ""},
+		{"admin.allow (no listen)", len(c.Admin.Allow), 0},
+		{"tags", len(c.Tags), 0},
+	}
+	for _, ch := range newChecks {
+		if ch.got != ch.want {
+			t.Errorf("%s = %v, want %v", ch.name, ch.got, ch.want)
+		}
+	}
+	if w := c.Warnings(); len(w) != 0 {
+		t.Errorf("Warnings = %q, want none", w)
 	}
 }
 
@@ -436,6 +488,20 @@ func TestValidateRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	missing := filepath.Join(dir, "missing.pem")
+	emptyToken := filepath.Join(dir, "empty.token")
+	shortToken := filepath.Join(dir, "short.token")
+	bigToken := filepath.Join(dir, "big.token")
+	for name, content := range map[string]string{
+		emptyToken: " \n",
+		shortToken: "tooshort\n",
+		bigToken:   strings.Repeat("a", config.MaxTokenFileSize+1),
+	} {
+		if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const goodToken = "0123456789abcdef"
+	listen := func(c *config.Config) { c.Admin.Listen = "127.0.0.1:8080" }
 	tests := []struct {
 		name string
 		edit func(c *config.Config)
@@ -496,6 +562,52 @@ func TestValidateRules(t *testing.T) {
 		{"weight big", func(c *config.Config) { w := 1001; c.Backends[0].Weight = &w }, `backend[0].weight: must be between 0 and 1000, got 1001`},
 		{"tag chars", func(c *config.Config) { c.Backends[0].Tag = "hot pool" }, `backend[0].tag: "hot pool" has ' '`},
 		{"tag long", func(c *config.Config) { c.Backends[0].Tag = strings.Repeat("t", 65) }, `backend[0].tag: "` + strings.Repeat("t", 65) + `" is longer than 64`},
+
+		{"move_wait", func(c *config.Config) { c.Timeouts.MoveWait.Duration = 0 }, `timeouts.move_wait: must be greater than 0, got 0s`},
+		{"shutdown_grace", func(c *config.Config) { c.Timeouts.ShutdownGrace.Duration = -time.Second }, `timeouts.shutdown_grace: must be 0 (close at once) or more, got -1s`},
+		{"state_file empty", func(c *config.Config) { c.StateFile = "" }, `state_file: must not be empty`},
+		{"state_file dir missing", func(c *config.Config) { c.StateFile = filepath.Join(dir, "nodir", "s.json") }, `state_file: directory: stat ` + filepath.Join(dir, "nodir")},
+		{"state_file dir is a file", func(c *config.Config) { c.StateFile = filepath.Join(garbage, "s.json") }, `state_file: ` + garbage + ` is not a directory`},
+
+		{"health interval", func(c *config.Config) { c.Health.Interval.Duration = 0 }, `health.interval: must be greater than 0`},
+		{"health timeout", func(c *config.Config) { c.Health.Timeout.Duration = -1 }, `health.timeout: must be greater than 0`},
+		{"health timeout over interval", func(c *config.Config) { c.Health.Timeout.Duration = 6 * time.Second }, `health.timeout: must not exceed health.interval (5s), got 6s`},
+		{"health fall 0", func(c *config.Config) { c.Health.Fall = 0 }, `health.fall: must be between 1 and 100, got 0`},
+		{"health fall big", func(c *config.Config) { c.Health.Fall = 101 }, `health.fall: must be between 1 and 100, got 101`},
+		{"health rise 0", func(c *config.Config) { c.Health.Rise = 0 }, `health.rise: must be between 1 and 100, got 0`},
+		{"health rise big", func(c *config.Config) { c.Health.Rise = 101 }, `health.rise: must be between 1 and 100, got 101`},
+		{"health flap_max", func(c *config.Config) { c.Health.FlapMax = 0 }, `health.flap_max: must be 1 or more, got 0`},
+		{"health flap_window", func(c *config.Config) { c.Health.FlapWindow.Duration = 0 }, `health.flap_window: must be greater than 0`},
+		{"health hold_down", func(c *config.Config) { c.Health.HoldDown.Duration = 0 }, `health.hold_down: must be greater than 0`},
+		{"health user without password", func(c *config.Config) { c.Health.LoginUser = "probe" }, `health.login_password: required when health.login_user is set`},
+		{"health password without user", func(c *config.Config) { c.Health.LoginPassword = "s3cret" }, `health.login_user: required when health.login_password is set`},
+
+		{"admin listen no port", func(c *config.Config) { c.Admin.Listen, c.Admin.Token = "127.0.0.1", goodToken }, `admin.listen: missing port in address "127.0.0.1"`},
+		{"admin listen port 0", func(c *config.Config) { c.Admin.Listen, c.Admin.Token = "127.0.0.1:0", goodToken }, `admin.listen: port "0" in address "127.0.0.1:0" must be a number between 1 and 65535`},
+		{"admin listen port big", func(c *config.Config) { c.Admin.Listen, c.Admin.Token = "[::1]:65536", goodToken }, `admin.listen: port "65536"`},
+		{"admin listen taken", func(c *config.Config) { c.Admin.Listen, c.Admin.Token = "127.0.0.1:1110", goodToken }, `admin.listen: "127.0.0.1:1110" is already used by pop3.listener[0]`},
+		{"admin no token", listen, `admin.token: admin.listen is set, so admin.token or admin.token_file is required`},
+		{"admin token and file", func(c *config.Config) {
+			listen(c)
+			c.Admin.Token, c.Admin.TokenFile = goodToken, shortToken
+		}, `admin.token: set only one of admin.token and admin.token_file`},
+		{"admin token short", func(c *config.Config) { listen(c); c.Admin.Token = "  0123456789abcde  " }, `admin.token: token is 15 characters, want at least 16`},
+		{"admin token char", func(c *config.Config) { listen(c); c.Admin.Token = goodToken + "\"x" }, `admin.token: token has a character not allowed in a bearer token at offset 16`},
+		{"admin token_file missing", func(c *config.Config) { listen(c); c.Admin.TokenFile = missing }, `admin.token_file: open ` + missing},
+		{"admin token_file empty", func(c *config.Config) { listen(c); c.Admin.TokenFile = emptyToken }, `admin.token_file: ` + emptyToken + `: token is empty`},
+		{"admin token_file short", func(c *config.Config) { listen(c); c.Admin.TokenFile = shortToken }, `admin.token_file: ` + shortToken + `: token is 8 characters`},
+		{"admin token_file big", func(c *config.Config) { listen(c); c.Admin.TokenFile = bigToken }, `admin.token_file: ` + bigToken + ` is larger than 4096 bytes`},
+		{"admin allow", func(c *config.Config) {
+			c.Admin.Listen, c.Admin.Token = "127.0.0.1:8080", goodToken
+			c.Admin.Allow = []string{"::1", "10.0.0.0/40"}
+		}, `admin.allow[1]: "10.0.0.0/40" is not a CIDR prefix`},
+
+		{"tags domain upper", func(c *config.Config) { c.Tags = map[string]string{"Example.org": "a"} }, `tags."Example.org": "Example.org" has upper-case letters; domains are matched lower-cased: write "example.org"`},
+		{"tags domain at", func(c *config.Config) { c.Tags = map[string]string{"bob@example.org": "a"} }, `tags."bob@example.org": "bob@example.org" has '@'`},
+		{"tags domain empty", func(c *config.Config) { c.Tags = map[string]string{"": "a"} }, `tags."": the domain must not be empty`},
+		{"tags domain space", func(c *config.Config) { c.Tags = map[string]string{"a b": "a"} }, `tags."a b": "a b" has ' '`},
+		{"tags tag empty", func(c *config.Config) { c.Tags = map[string]string{"example.org": ""} }, `tags."example.org": the tag must not be empty`},
+		{"tags tag bad", func(c *config.Config) { c.Tags = map[string]string{"example.org": "pool/1"} }, `tags."example.org": "pool/1" has '/'`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -710,6 +822,10 @@ func FuzzParse(f *testing.F) {
 		"x = [\n",
 		"a.b.c.d = { e = [ { f = 1 } ] }",
 		"[[backend]]\nweight = 0\n[[backend]]\naddress = \"10.0.0.1\"",
+		"[tags]\n\"a.example\" = \"pool\"\nb = \"x\"\n[[backend]]\naddress = \"10.0.0.1\"\ntag = \"pool\"",
+		"tags = { \"A.example\" = 5, c.d = \"x\", e = { f = \"g\" } }\n[tags.x]\n[[tags]]",
+		"tags.\"a@b\" = \"\"\n[health]\nenabled = false\nfall = 0\nlogin_user = \"u\"",
+		"[admin]\nlisten = \"127.0.0.1:8080\"\ntoken = \"0123456789abcdef\"\nallow = [\"::1\", \"x\"]",
 	} {
 		f.Add([]byte(s))
 	}
@@ -721,8 +837,24 @@ func FuzzParse(f *testing.F) {
 			}
 			return
 		}
-		_ = c.ValidateNoFiles()
+		// Parse checked [tags]; Validate's repeat of those checks agrees.
+		if err := c.ValidateNoFiles(); err != nil && strings.Contains(err.Error(), "tags.") {
+			t.Errorf("Parse accepted [tags] that Validate rejects: %v", err)
+		}
 		_ = c.TrustedPrefixes()
+		_ = c.AdminAllow()
+		_ = c.Warnings()
+		for domain, tag := range c.Tags {
+			upper := strings.Map(func(r rune) rune {
+				if r >= 'a' && r <= 'z' {
+					return r - 'a' + 'A'
+				}
+				return r
+			}, domain)
+			if got := c.TagFor("a@b@" + upper); got != tag {
+				t.Errorf("TagFor(a@b@%s) = %q, want %q", upper, got, tag)
+			}
+		}
 	})
 }
 

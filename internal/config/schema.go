@@ -4,6 +4,7 @@ import (
 	"encoding"
 	"fmt"
 	"reflect"
+	"strconv"
 	"strings"
 
 	"github.com/pelletier/go-toml/v2/unstable"
@@ -18,7 +19,10 @@ import (
 //     key or line.
 //
 // It reports unknown keys, keys in the wrong case and values of the wrong TOML
-// type, each with file, line and key. The decoder (with
+// type, each with file, line and key. The one map-typed table, [tags], takes
+// arbitrary keys; the checker also checks its keys (domains) and values
+// (tags) with checkTagDomain and checkTagValue, so that those problems get a
+// line number too (Validate repeats the checks for a Config built in code). The decoder (with
 // DisallowUnknownFields) stays as a backstop and reports syntax errors and
 // duplicate keys.
 
@@ -33,6 +37,7 @@ const (
 	kindStringList
 	kindTable
 	kindTableList
+	kindStringMap // a table with arbitrary keys and string values: [tags]
 )
 
 func (k valueKind) String() string {
@@ -51,6 +56,8 @@ func (k valueKind) String() string {
 		return "a table"
 	case kindTableList:
 		return "an array of tables"
+	case kindStringMap:
+		return "a table of strings"
 	}
 	return "?"
 }
@@ -97,6 +104,10 @@ func schemaOf(t reflect.Type) *schemaNode {
 			n.fields[name] = schemaOf(f.Type)
 		}
 		return n
+	case reflect.Map:
+		if t.Key().Kind() == reflect.String && schemaOf(t.Elem()).kind == kindString {
+			return &schemaNode{kind: kindStringMap}
+		}
 	case reflect.Slice:
 		switch elem := schemaOf(t.Elem()); elem.kind {
 		case kindString:
@@ -215,12 +226,17 @@ func (c *schemaChecker) header(root *schemaNode, e *unstable.Node) ([]string, *s
 		switch {
 		case !last && (n.kind == kindTable || n.kind == kindTableList):
 			// [a.b] with a an array of tables names a table in its last element.
-		case last && e.Kind == unstable.Table && n.kind == kindTable,
+		case !last && n.kind == kindStringMap:
+			// [tags.x]: the entries of a string map are strings, not tables.
+			c.problem(at, mapKey(parts[:i+1], parts[i+1]), "want a string, got a table (write [%s] and then %q = \"tag\")",
+				strings.Join(parts[:i+1], "."), strings.Join(parts[i+1:], "."))
+			return nil, nil
+		case last && e.Kind == unstable.Table && (n.kind == kindTable || n.kind == kindStringMap),
 			last && e.Kind == unstable.ArrayTable && n.kind == kindTableList:
 		case last && e.Kind == unstable.Table && n.kind == kindTableList:
 			c.problem(at, parts, "is an array of tables: write [[%s]]", strings.Join(parts, "."))
 			return nil, nil
-		case last && e.Kind == unstable.ArrayTable && n.kind == kindTable:
+		case last && e.Kind == unstable.ArrayTable && (n.kind == kindTable || n.kind == kindStringMap):
 			c.problem(at, parts, "is a single table: write [%s]", strings.Join(parts, "."))
 			return nil, nil
 		default:
@@ -238,19 +254,76 @@ func (c *schemaChecker) keyValue(table *schemaNode, path []string, e *unstable.N
 	key := append(append([]string(nil), path...), parts...)
 	n := table
 	for i, part := range parts {
+		if n.kind == kindStringMap {
+			// part is an entry of the map, e.g. [tags] "example.org" = "pool".
+			c.mapEntry(key[:len(path)+i], parts[i:], at, e.Value())
+			return
+		}
 		next, ok := n.fields[part]
 		if !ok {
 			c.unknown(at, key[:len(path)+i+1], n)
 			return
 		}
 		n = next
-		if i < len(parts)-1 && n.kind != kindTable {
+		if i < len(parts)-1 && n.kind != kindTable && n.kind != kindStringMap {
 			// A dotted key defines tables along the way (TOML v1.0.0, "Keys").
 			c.problem(at, key[:len(path)+i+1], "want %s, got a table", n.kind)
 			return
 		}
 	}
 	c.value(n, key, at, e.Value())
+}
+
+// mapEntry checks an entry of the [tags] map, which is at path: its key
+// parts (more than one when the key was dotted) and its value. Keys are
+// domains, values backend tags.
+func (c *schemaChecker) mapEntry(path, parts []string, at unstable.Range, v *unstable.Node) {
+	key := mapKey(path, parts[0])
+	if len(parts) > 1 {
+		// A dotted key defines tables along the way (TOML v1.0.0, "Keys"):
+		// example.org = "x" is {example = {org = "x"}}.
+		c.problem(at, key, "want a string, got a table%s", dottedHint(parts))
+		return
+	}
+	if v.Kind != unstable.String {
+		c.problem(at, key, "want a string (a backend tag), got %s", tomlKind(v.Kind))
+		return
+	}
+	if err := checkTagDomain(parts[0]); err != nil {
+		c.problem(at, key, "%v", err)
+	}
+	if err := checkTagValue(string(v.Data)); err != nil {
+		c.problem(at, key, "%v", err)
+	}
+}
+
+// mapKey returns path plus an entry name of a map, quoted when it is not a
+// bare TOML key, so "tags.example.org" reads tags."example.org".
+func mapKey(path []string, name string) []string {
+	return append(append([]string(nil), path...), quoteKey(name))
+}
+
+// dottedHint explains an unquoted domain in [tags]: its dots made tables.
+func dottedHint(parts []string) string {
+	if len(parts) < 2 {
+		return ""
+	}
+	return fmt.Sprintf(" (a domain with dots must be quoted: %q = \"tag\")", strings.Join(parts, "."))
+}
+
+// quoteKey writes a key part the way TOML needs it: bare if it only has
+// A-Za-z0-9_- (TOML v1.0.0, "Keys"), else as a quoted key.
+func quoteKey(k string) string {
+	if k == "" {
+		return `""`
+	}
+	for i := 0; i < len(k); i++ {
+		b := k[i]
+		if !(b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9' || b == '_' || b == '-') {
+			return strconv.Quote(k)
+		}
+	}
+	return k
 }
 
 // value checks that v has the kind n wants.
@@ -272,7 +345,7 @@ func (c *schemaChecker) value(n *schemaNode, key []string, at unstable.Range, v 
 				}
 			}
 		}
-	case kindTable:
+	case kindTable, kindStringMap:
 		if ok = v.Kind == unstable.InlineTable; ok {
 			c.inlineTable(n, key, v)
 		}

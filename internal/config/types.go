@@ -38,11 +38,40 @@ type Config struct {
 	// MaxLiteral caps an IMAP literal before login, in bytes (default 8192).
 	MaxLiteral int `toml:"max_literal"`
 
+	// StateFile keeps the backend set and user records across restarts
+	// (written atomically after every admin change and at shutdown). Default
+	// "usher-state.json" next to the config file. When it exists, it wins over
+	// the [[backend]] list, which only seeds a fresh state.
+	StateFile string `toml:"state_file"`
+	// Tags maps a user's domain (the part after '@', lower-cased) to a backend
+	// tag (pool): `[tags]` then `"example.org" = "pool-b"`. Users of other
+	// domains go to the default pool (backends without a tag).
+	Tags map[string]string `toml:"tags"`
+
 	Admin    Admin     `toml:"admin"`
 	Timeouts Timeouts  `toml:"timeouts"`
+	Health   Health    `toml:"health"`
 	IMAP     Service   `toml:"imap"`
 	POP3     Service   `toml:"pop3"`
 	Backends []Backend `toml:"backend"`
+}
+
+// Health configures the built-in backend health checks: per backend and
+// enabled service, connect and read the greeting (optionally log in).
+type Health struct {
+	Enabled  *bool    `toml:"enabled"`  // default true
+	Interval Duration `toml:"interval"` // default 5s: time between probes of one backend
+	Timeout  Duration `toml:"timeout"`  // default 3s: one probe, connect to answer
+	Fall     int      `toml:"fall"`     // default 3: consecutive failures to mark down
+	Rise     int      `toml:"rise"`     // default 2: consecutive successes to mark up
+	// A backend whose state changed more than FlapMax times within
+	// FlapWindow is held down for HoldDown (damping).
+	FlapWindow Duration `toml:"flap_window"` // default 5m
+	FlapMax    int      `toml:"flap_max"`    // default 4
+	HoldDown   Duration `toml:"hold_down"`   // default 2m
+	// LoginUser and LoginPassword, when set, make each probe also log in.
+	LoginUser     string `toml:"login_user"`
+	LoginPassword string `toml:"login_password"`
 }
 
 // Admin configures the local admin socket that the CLI talks to.
@@ -50,6 +79,16 @@ type Admin struct {
 	// Socket is the path of the UNIX admin socket (mode 0600). Default "usher-admin.sock"
 	// next to the config file; a relative path is relative to the config file's directory.
 	Socket string `toml:"socket"`
+	// Listen optionally serves the API on TCP too (host:port). Every TCP
+	// request needs "Authorization: Bearer <token>" and a client address in
+	// Allow; others get 401/403.
+	Listen string `toml:"listen"`
+	// Token (or TokenFile, a file holding it) is the bearer token for Listen.
+	Token     string `toml:"token"`
+	TokenFile string `toml:"token_file"`
+	// Allow lists the CIDRs (or single IPs) that may use the TCP API.
+	// Default: loopback only.
+	Allow []string `toml:"allow"`
 }
 
 // Timeouts bound every wait of a session.
@@ -57,6 +96,12 @@ type Timeouts struct {
 	PreLoginIdle   Duration `toml:"pre_login_idle"`  // default 60s: idle time allowed before login
 	BackendConnect Duration `toml:"backend_connect"` // default 5s
 	BackendLogin   Duration `toml:"backend_login"`   // default 30s: greeting..tagged login answer
+	// MoveWait bounds how long a login waits while its user is being moved
+	// (then it gets a temporary failure). Default 30s.
+	MoveWait Duration `toml:"move_wait"`
+	// ShutdownGrace is how long SIGTERM lets open sessions drain before they
+	// are closed. Default 30s.
+	ShutdownGrace Duration `toml:"shutdown_grace"`
 }
 
 // Service configures one protocol (IMAP or POP3): its listeners, limits and backend side.

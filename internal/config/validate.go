@@ -5,9 +5,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -17,13 +20,16 @@ const (
 	MaxMaxLiteral    = 16 << 20 // max_literal upper bound, 16 MiB
 	MaxBackendWeight = 1000     // the dovecot ring puts weight points per backend
 	MaxTagLen        = 64
+	MaxHealthCount   = 100 // health.fall and health.rise upper bound
 	// maxSocketPath is the longest UNIX socket path Linux accepts
 	// (sun_path is 108 bytes including the terminating NUL, unix(7)).
 	maxSocketPath = 107
 )
 
 // Validate checks the whole configuration, including that certificate, key
-// and CA files load. It returns every problem found, joined with
+// and CA files load, that admin.token_file holds a usable token and that the
+// directory of state_file exists. Findings that are not errors (a [tags]
+// entry no backend serves yet) come from Warnings. It returns every problem found, joined with
 // errors.Join, each starting with the key it is about. Call it after
 // ApplyDefaults (Load and Parse apply defaults).
 func (c *Config) Validate() error {
@@ -64,10 +70,14 @@ func (c *Config) validate(checkFiles bool) error {
 		{"timeouts.pre_login_idle", c.Timeouts.PreLoginIdle},
 		{"timeouts.backend_connect", c.Timeouts.BackendConnect},
 		{"timeouts.backend_login", c.Timeouts.BackendLogin},
+		{"timeouts.move_wait", c.Timeouts.MoveWait},
 	} {
 		if t.d.Duration <= 0 {
 			v.add(t.key, "must be greater than 0, got %s", t.d.Duration)
 		}
+	}
+	if c.Timeouts.ShutdownGrace.Duration < 0 {
+		v.add("timeouts.shutdown_grace", "must be 0 (close at once) or more, got %s", c.Timeouts.ShutdownGrace.Duration)
 	}
 	if c.MaxLiteral < 1 || c.MaxLiteral > MaxMaxLiteral {
 		v.add("max_literal", "must be between 1 and %d (16 MiB), got %d", MaxMaxLiteral, c.MaxLiteral)
@@ -77,13 +87,6 @@ func (c *Config) validate(checkFiles bool) error {
 			v.add(fmt.Sprintf("trusted_networks[%d]", i), "%v", err)
 		}
 	}
-	switch {
-	case c.Admin.Socket == "":
-		v.add("admin.socket", "must not be empty")
-	case len(c.Admin.Socket) > maxSocketPath:
-		v.add("admin.socket", "path %q is %d bytes, longer than the %d a UNIX socket allows",
-			c.Admin.Socket, len(c.Admin.Socket), maxSocketPath)
-	}
 
 	if !c.IMAP.Enabled() && !c.POP3.Enabled() {
 		v.add("imap.listener", "no listeners: configure at least one [[imap.listener]] or [[pop3.listener]]")
@@ -91,9 +94,124 @@ func (c *Config) validate(checkFiles bool) error {
 	listening := map[string]string{} // normalized address -> key that listens on it
 	c.IMAP.validate(v, "imap", listening, checkFiles)
 	c.POP3.validate(v, "pop3", listening, checkFiles)
+	c.Admin.validate(v, listening, checkFiles)
+	c.Health.validate(v)
+	c.validateStateFile(v, checkFiles)
+	c.validateTags(v)
 
 	c.validateBackends(v)
 	return errors.Join(v.errs...)
+}
+
+// validate checks [admin]. listening holds the service listeners, so that
+// admin.listen cannot take one of their addresses.
+func (a *Admin) validate(v *validator, listening map[string]string, checkFiles bool) {
+	switch {
+	case a.Socket == "":
+		v.add("admin.socket", "must not be empty")
+	case len(a.Socket) > maxSocketPath:
+		v.add("admin.socket", "path %q is %d bytes, longer than the %d a UNIX socket allows",
+			a.Socket, len(a.Socket), maxSocketPath)
+	}
+	for i, s := range a.Allow {
+		if _, err := parseTrusted(s); err != nil {
+			v.add(fmt.Sprintf("admin.allow[%d]", i), "%v", err)
+		}
+	}
+	if a.Listen == "" {
+		return
+	}
+	if norm, err := checkListenAddress(a.Listen); err != nil {
+		v.add("admin.listen", "%v", err)
+	} else if prev, dup := listening[norm]; dup {
+		v.add("admin.listen", "%q is already used by %s", a.Listen, prev)
+	} else {
+		listening[norm] = "admin.listen"
+	}
+	// The TCP API is only ever served with a bearer token.
+	switch {
+	case a.Token == "" && a.TokenFile == "":
+		v.add("admin.token", "admin.listen is set, so admin.token or admin.token_file is required")
+	case a.Token != "" && a.TokenFile != "":
+		v.add("admin.token", "set only one of admin.token and admin.token_file")
+	case a.Token != "":
+		if err := checkToken(strings.TrimSpace(a.Token)); err != nil {
+			v.add("admin.token", "%v", err)
+		}
+	case checkFiles:
+		if _, err := readTokenFile(a.TokenFile); err != nil {
+			v.add("admin.token_file", "%v", err)
+		}
+	}
+}
+
+// validate checks [health].
+func (h *Health) validate(v *validator) {
+	for _, t := range []struct {
+		key string
+		d   Duration
+	}{
+		{"health.interval", h.Interval},
+		{"health.timeout", h.Timeout},
+		{"health.flap_window", h.FlapWindow},
+		{"health.hold_down", h.HoldDown},
+	} {
+		if t.d.Duration <= 0 {
+			v.add(t.key, "must be greater than 0, got %s", t.d.Duration)
+		}
+	}
+	if h.Interval.Duration > 0 && h.Timeout.Duration > h.Interval.Duration {
+		v.add("health.timeout", "must not exceed health.interval (%s), got %s", h.Interval.Duration, h.Timeout.Duration)
+	}
+	if h.Fall < 1 || h.Fall > MaxHealthCount {
+		v.add("health.fall", "must be between 1 and %d, got %d", MaxHealthCount, h.Fall)
+	}
+	if h.Rise < 1 || h.Rise > MaxHealthCount {
+		v.add("health.rise", "must be between 1 and %d, got %d", MaxHealthCount, h.Rise)
+	}
+	if h.FlapMax < 1 {
+		v.add("health.flap_max", "must be 1 or more, got %d", h.FlapMax)
+	}
+	// The password is never part of a message.
+	switch {
+	case h.LoginUser != "" && h.LoginPassword == "":
+		v.add("health.login_password", "required when health.login_user is set")
+	case h.LoginUser == "" && h.LoginPassword != "":
+		v.add("health.login_user", "required when health.login_password is set")
+	}
+}
+
+// validateStateFile checks state_file; with checkFiles, that its directory exists.
+func (c *Config) validateStateFile(v *validator, checkFiles bool) {
+	if c.StateFile == "" {
+		v.add("state_file", "must not be empty")
+		return
+	}
+	if !checkFiles {
+		return
+	}
+	dir := filepath.Dir(c.StateFile)
+	fi, err := os.Stat(dir)
+	switch {
+	case err != nil:
+		v.wrap("state_file", "directory", err)
+	case !fi.IsDir():
+		v.add("state_file", "%s is not a directory", dir)
+	}
+}
+
+// validateTags checks [tags] (Parse checked it already; a Config built in
+// code has not been). Tags no backend carries are warnings, see Warnings.
+func (c *Config) validateTags(v *validator) {
+	for _, domain := range slices.Sorted(maps.Keys(c.Tags)) {
+		key := "tags." + quoteKey(domain)
+		if err := checkTagDomain(domain); err != nil {
+			v.add(key, "%v", err)
+		}
+		if err := checkTagValue(c.Tags[domain]); err != nil {
+			v.add(key, "%v", err)
+		}
+	}
 }
 
 func (s *Service) validate(v *validator, name string, listening map[string]string, checkFiles bool) {

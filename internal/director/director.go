@@ -1,13 +1,21 @@
 // Package director decides which backend serves a user and keeps that
 // decision: it owns the state machine (internal/state), the routing table
-// (internal/route) built from the state's backends, and the clock that
-// stamps every command.
+// (internal/route) built from the state's backends, the clock that stamps
+// every command, and the registry of this process's open sessions so that
+// users can be kicked and moved.
 //
-// Invariants: every change to the state goes through apply, under one mutex,
-// so the command log is the complete history; the routing table is rebuilt
-// whenever the backend set changes; a user with a live record is never
-// re-hashed (see internal/state). Protocol packages see only the small
-// proxy.Director interface.
+// Invariants:
+//   - every change to the state goes through apply, under one mutex, so the
+//     command log is the complete history; the routing table is rebuilt
+//     whenever the backend set changes;
+//   - a user with a live record is never re-hashed (see internal/state);
+//   - a user is never on two backends: a move (also a flush, a backend going
+//     down or being removed) first marks the record moving, kicks every
+//     session of the user, waits until the record counts no session, and
+//     only then pins the user elsewhere; logins that arrive meanwhile wait
+//     (bounded by MoveWait) and never go to either backend early.
+//
+// Protocol packages see only the small proxy.Director interface.
 package director
 
 import (
@@ -24,29 +32,84 @@ import (
 	"github.com/usher-mail/usher/internal/state"
 )
 
+// Observer receives counts for metrics; metrics.Metrics implements it.
+type Observer interface {
+	Move(result string)
+	Kick(reason string, sessions int)
+}
+
 // Options configures a Director.
 type Options struct {
 	Algorithm    route.Algorithm
 	HashTemplate string
 	UserExpire   time.Duration
-	Backends     []state.Backend // the initial backend set
-	Logger       *slog.Logger
-	Now          func() time.Time // clock; time.Now when nil
+	Backends     []state.Backend // the initial backend set when no state file exists
+	// TagFor returns the pool of a login name ("" = default pool).
+	TagFor func(user string) string
+	// MoveWait bounds how long a login waits for a move of its user, and how
+	// long a move waits for the kicked sessions to close (default 30s).
+	MoveWait time.Duration
+	// StateFile, when set, keeps backends and user records across restarts.
+	StateFile string
+	Observer  Observer
+	// BackendsChanged, optional, is called (without locks held) after the
+	// backend set or a backend's weight or state changed.
+	BackendsChanged func(backends []state.Backend)
+	// Health, optional, returns the health checker's view of a backend for
+	// `usher status`.
+	Health func(addr netip.Addr) (HealthInfo, bool)
+	Logger *slog.Logger
+	Now    func() time.Time // clock; time.Now when nil
 }
 
 // Director implements proxy.Director over a local state.
 type Director struct {
-	alg  route.Algorithm
-	tmpl string
-	log  *slog.Logger
-	now  func() time.Time
+	alg       route.Algorithm
+	tmpl      string
+	log       *slog.Logger
+	now       func() time.Time
+	obs       Observer
+	stateFile string
+	changedFn func([]state.Backend)
+	healthFn  func(netip.Addr) (HealthInfo, bool)
 
-	mu    sync.Mutex
-	st    *state.State
-	table *route.Table
+	mu       sync.Mutex
+	st       *state.State
+	table    *route.Table
+	tagFor   func(string) string
+	moveWait time.Duration
+	// changed is closed and replaced whenever a user record changes, so
+	// waiters (logins during a move, moves waiting for sessions) wake up.
+	changed chan struct{}
+	// sessions holds this process's open sessions per user key.
+	sessions map[string]map[*localSession]struct{}
+	// causes records why each backend last changed state.
+	causes map[netip.Addr]Cause
+	dirty  bool // user records changed since the last save
+
+	saveMu sync.Mutex // orders state file writes
 }
 
-// New builds a Director with the given backends.
+// Cause says why and when a backend last changed state.
+type Cause struct {
+	Text string    `json:"cause"`
+	Time time.Time `json:"time"`
+}
+
+type localSession struct {
+	done chan struct{}
+	once sync.Once
+}
+
+func (l *localSession) kick() { l.once.Do(func() { close(l.done) }) }
+
+type nopObserver struct{}
+
+func (nopObserver) Move(string)      {}
+func (nopObserver) Kick(string, int) {}
+
+// New builds a Director. With a state file that exists, the saved state wins
+// over Options.Backends.
 func New(o Options) (*Director, error) {
 	if o.Now == nil {
 		o.Now = time.Now
@@ -55,21 +118,112 @@ func New(o Options) (*Director, error) {
 		o.Logger = slog.Default()
 	}
 	if o.HashTemplate == "" {
-		o.HashTemplate = "%Lu"
+		o.HashTemplate = route.DefaultTemplate
+	}
+	if o.Observer == nil {
+		o.Observer = nopObserver{}
 	}
 	if err := route.ValidateTemplate(o.HashTemplate); err != nil {
 		return nil, fmt.Errorf("new director: %w", err)
 	}
-	d := &Director{alg: o.Algorithm, tmpl: o.HashTemplate, log: o.Logger, now: o.Now, st: state.New(o.UserExpire)}
-	for _, b := range o.Backends {
-		if _, err := d.st.Apply(state.Command{Type: state.CmdAddBackend, Backend: b.Addr, Weight: b.Weight, Tag: b.Tag, Up: b.Up}); err != nil {
-			return nil, fmt.Errorf("new director: %w", err)
+	d := &Director{
+		alg: o.Algorithm, tmpl: o.HashTemplate, log: o.Logger, now: o.Now, obs: o.Observer,
+		changedFn: o.BackendsChanged, healthFn: o.Health,
+		stateFile: o.StateFile, st: state.New(o.UserExpire),
+		changed: make(chan struct{}), sessions: map[string]map[*localSession]struct{}{},
+		causes: map[netip.Addr]Cause{},
+	}
+	d.setRuntime(o.TagFor, o.MoveWait)
+	loaded, err := d.load(o.UserExpire)
+	if err != nil {
+		return nil, fmt.Errorf("new director: %w", err)
+	}
+	if !loaded {
+		for _, b := range o.Backends {
+			if _, err := d.st.Apply(state.Command{Type: state.CmdAddBackend, Backend: b.Addr, Weight: b.Weight, Tag: b.Tag, Up: b.Up}); err != nil {
+				return nil, fmt.Errorf("new director: %w", err)
+			}
 		}
 	}
 	if err := d.rebuild(); err != nil {
 		return nil, fmt.Errorf("new director: %w", err)
 	}
 	return d, nil
+}
+
+func (d *Director) setRuntime(tagFor func(string) string, moveWait time.Duration) {
+	if tagFor == nil {
+		tagFor = func(string) string { return "" }
+	}
+	if moveWait <= 0 {
+		moveWait = 30 * time.Second
+	}
+	d.tagFor, d.moveWait = tagFor, moveWait
+}
+
+// HealthInfo is the health checker's view of a backend.
+type HealthInfo struct {
+	Healthy   bool          `json:"healthy"`
+	Checked   *time.Time    `json:"checked,omitempty"` // last probe round
+	LastError string        `json:"last_error,omitempty"`
+	Latency   time.Duration `json:"latency_ns"`
+	HeldDown  bool          `json:"held_down,omitempty"` // flapping: damped
+	HeldUntil *time.Time    `json:"held_until,omitempty"`
+}
+
+// Backends returns the current backend set.
+func (d *Director) Backends() []state.Backend {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.st.Backends()
+}
+
+// Backend returns one backend.
+func (d *Director) Backend(addr netip.Addr) (state.Backend, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.st.Backend(addr)
+}
+
+// backendsChanged tells the BackendsChanged hook. Call without mu held.
+func (d *Director) backendsChanged() {
+	if d.changedFn != nil {
+		d.changedFn(d.Backends())
+	}
+}
+
+// Reconfigure applies the settings a config reload may change.
+func (d *Director) Reconfigure(userExpire time.Duration, tagFor func(string) string, moveWait time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.setRuntime(tagFor, moveWait)
+	if userExpire != d.st.Expire() {
+		if _, err := d.apply(state.Command{Type: state.CmdSetExpire, Expire: userExpire}); err != nil {
+			return fmt.Errorf("reconfigure: %w", err)
+		}
+	}
+	return nil
+}
+
+// apply stamps c with the time, applies it and wakes waiters. Caller holds mu.
+func (d *Director) apply(c state.Command) (state.Result, error) {
+	if c.Time.IsZero() {
+		c.Time = d.now()
+	}
+	res, err := d.st.Apply(c)
+	if err != nil {
+		return res, err
+	}
+	switch c.Type {
+	case state.CmdAddBackend, state.CmdRemoveBackend, state.CmdSetWeight, state.CmdSetUp:
+		if err := d.rebuild(); err != nil {
+			return res, err
+		}
+	}
+	d.dirty = true
+	close(d.changed)
+	d.changed = make(chan struct{})
+	return res, nil
 }
 
 // rebuild makes the routing table from the state's backends. Caller holds mu
@@ -91,155 +245,136 @@ func (d *Director) rebuild() error {
 // Key returns the user key (the hash template expanded) for a login name.
 func (d *Director) Key(user string) string { return route.ExpandTemplate(d.tmpl, user) }
 
-// Acquire implements proxy.Director.
+// errMoving is wrapped in ErrUnavailable when a login waited too long for a move.
+var errMoving = errors.New("user is being moved")
+
+// Acquire implements proxy.Director: it returns the user's pinned backend,
+// or hashes the user into its pool when there is no live record. While the
+// user is being moved it waits, at most MoveWait.
 func (d *Director) Acquire(ctx context.Context, user string) (*proxy.Lease, error) {
 	key := d.Key(user)
 	if key == "" {
 		return nil, fmt.Errorf("acquire: empty user key: %w", proxy.ErrUnavailable)
 	}
 	d.mu.Lock()
-	now := d.now()
-	cmd := state.Command{Type: state.CmdSessionOpen, Time: now, User: key}
-	if u, ok := d.st.LiveUser(key, now); ok {
-		cmd.Backend = u.Backend
-	} else {
-		b, ok := d.table.Pick(key, "")
-		if !ok {
+	tag := d.tagFor(user)
+	timer := time.NewTimer(d.moveWait)
+	defer timer.Stop()
+	for {
+		now := d.now()
+		u, live := d.st.LiveUser(key, now)
+		if live && u.Moving {
+			ch := d.changed
 			d.mu.Unlock()
-			return nil, fmt.Errorf("acquire %q: %w", key, proxy.ErrUnavailable)
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return nil, fmt.Errorf("acquire %q: %w", key, ctx.Err())
+			case <-timer.C:
+				d.log.Warn("login waited too long for a move", "user", key)
+				return nil, fmt.Errorf("acquire %q: %w: %w", key, errMoving, proxy.ErrUnavailable)
+			}
+			d.mu.Lock()
+			continue
 		}
-		cmd.Backend = b
+		cmd := state.Command{Type: state.CmdSessionOpen, Time: now, User: key, Tag: tag}
+		if live {
+			cmd.Backend = u.Backend
+		} else {
+			b, ok := d.table.Pick(key, tag)
+			if !ok {
+				d.mu.Unlock()
+				d.log.Warn("no backend available in pool", "user", key, "tag", tag)
+				return nil, fmt.Errorf("acquire %q: pool %q: %w", key, tag, proxy.ErrUnavailable)
+			}
+			cmd.Backend = b
+		}
+		res, err := d.apply(cmd)
+		if err != nil {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("acquire %q: %w", key, err)
+		}
+		ls := &localSession{done: make(chan struct{})}
+		set := d.sessions[key]
+		if set == nil {
+			set = map[*localSession]struct{}{}
+			d.sessions[key] = set
+		}
+		set[ls] = struct{}{}
+		d.mu.Unlock()
+		if res.Created {
+			d.log.Info("user assigned", "user", key, "backend", res.Backend.String(), "tag", tag)
+		}
+		backend := res.Backend
+		return proxy.NewLease(key, backend, ls.done, func() { d.release(key, backend, ls) }), nil
 	}
-	res, err := d.st.Apply(cmd)
-	d.mu.Unlock()
-	if err != nil {
-		return nil, fmt.Errorf("acquire %q: %w", key, err)
-	}
-	if res.Created {
-		d.log.Info("user assigned", "user", key, "backend", res.Backend.String())
-	}
-	return proxy.NewLease(key, res.Backend, nil, func() { d.release(key, res.Backend) }), nil
 }
 
-func (d *Director) release(key string, backend netip.Addr) {
+func (d *Director) release(key string, backend netip.Addr, ls *localSession) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, err := d.st.Apply(state.Command{Type: state.CmdSessionClose, Time: d.now(), User: key, Backend: backend}); err != nil {
+	if set := d.sessions[key]; set != nil {
+		delete(set, ls)
+		if len(set) == 0 {
+			delete(d.sessions, key)
+		}
+	}
+	if _, err := d.apply(state.Command{Type: state.CmdSessionClose, User: key, Backend: backend}); err != nil {
 		d.log.Error("release session", "user", key, "err", err)
 	}
+}
+
+// kickLocked closes every local session of key. Caller holds mu.
+func (d *Director) kickLocked(key string) int {
+	n := 0
+	for ls := range d.sessions[key] {
+		ls.kick()
+		n++
+	}
+	return n
 }
 
 // Expire drops records that expired; call it periodically.
 func (d *Director) Expire() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	res, _ := d.st.Apply(state.Command{Type: state.CmdExpire, Time: d.now()})
+	res, _ := d.apply(state.Command{Type: state.CmdExpire})
 	return res.Removed
 }
 
-// RunExpiry calls Expire every interval until ctx ends.
-func (d *Director) RunExpiry(ctx context.Context, interval time.Duration) {
+// Run expires records every interval and saves the state when it changed,
+// until ctx ends; then it saves once more.
+func (d *Director) Run(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
+			if err := d.Save(); err != nil {
+				d.log.Error("save state", "err", err)
+			}
 			return
 		case <-t.C:
 			if n := d.Expire(); n > 0 {
 				d.log.Debug("user records expired", "count", n)
 			}
+			if err := d.saveIfDirty(); err != nil {
+				d.log.Error("save state", "err", err)
+			}
 		}
 	}
 }
 
-// ErrNotFound is returned for an unknown backend.
-var ErrNotFound = errors.New("not found")
-
-// AddBackend adds a backend; users with live records stay where they are.
-func (d *Director) AddBackend(b state.Backend) error {
-	return d.applyBackend(state.Command{Type: state.CmdAddBackend, Backend: b.Addr, Weight: b.Weight, Tag: b.Tag, Up: b.Up})
-}
-
-func (d *Director) applyBackend(c state.Command) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	c.Time = d.now()
-	if _, err := d.st.Apply(c); err != nil {
-		return err
-	}
-	if err := d.rebuild(); err != nil {
-		return err
-	}
-	d.log.Info("backend changed", "op", c.Type.String(), "backend", c.Backend.String(), "weight", c.Weight, "tag", c.Tag)
-	return nil
-}
-
-// BackendStatus is one backend as shown by `usher status`.
-type BackendStatus struct {
-	Address  string `json:"address"`
-	Weight   int    `json:"weight"`
-	Tag      string `json:"tag"`
-	Up       bool   `json:"up"`
-	Users    int    `json:"users"`
-	Sessions int    `json:"sessions"`
-}
-
-// Status is the answer to `usher status`.
-type Status struct {
-	Algorithm string          `json:"algorithm"`
-	Backends  []BackendStatus `json:"backends"`
-}
-
-// Status returns every backend with its live users and open sessions.
-func (d *Director) Status() Status {
+// UserRecords returns the number of live user records.
+func (d *Director) UserRecords() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	now := d.now()
-	idx := map[netip.Addr]int{}
-	st := Status{Algorithm: string(d.alg)}
-	for _, b := range d.st.Backends() {
-		idx[b.Addr] = len(st.Backends)
-		st.Backends = append(st.Backends, BackendStatus{Address: b.Addr.String(), Weight: b.Weight, Tag: b.Tag, Up: b.Up})
-	}
+	n := 0
 	for _, u := range d.st.Users() {
-		if _, live := d.st.LiveUser(u.Key, now); !live {
-			continue
-		}
-		if i, ok := idx[u.Backend]; ok {
-			st.Backends[i].Users++
-			st.Backends[i].Sessions += u.Sessions
+		if _, live := d.st.LiveUser(u.Key, now); live {
+			n++
 		}
 	}
-	return st
-}
-
-// UserStatus is the answer to `usher status USER`.
-type UserStatus struct {
-	User        string     `json:"user"`
-	Key         string     `json:"key"`
-	Hash        uint32     `json:"hash"`
-	Backend     string     `json:"backend"`      // "" when the user has no live record
-	Sessions    int        `json:"sessions"`     // open sessions, all protocols
-	Expires     *time.Time `json:"expires"`      // nil while sessions are open or without record
-	HashBackend string     `json:"hash_backend"` // where hashing would put the user now
-}
-
-// UserStatus returns the user's record and the backend hashing picks now.
-func (d *Director) UserStatus(user string) UserStatus {
-	key := d.Key(user)
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	us := UserStatus{User: user, Key: key, Hash: route.UserHash(key)}
-	if u, ok := d.st.LiveUser(key, d.now()); ok {
-		us.Backend = u.Backend.String()
-		us.Sessions = u.Sessions
-		if exp := d.st.ExpiresAt(u); !exp.IsZero() {
-			us.Expires = &exp
-		}
-	}
-	if b, ok := d.table.Pick(key, ""); ok {
-		us.HashBackend = b.String()
-	}
-	return us
+	return n
 }

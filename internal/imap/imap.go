@@ -27,6 +27,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -517,6 +518,7 @@ func (c *client) login(ctx context.Context, tag string, cr *credentials) error {
 	lease, err := c.srv.o.Director.Acquire(ctx, user)
 	if err != nil {
 		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
+		c.sess.LoginDone(proxy.LoginUnavailable, netip.Addr{}, time.Since(start))
 		return fmt.Errorf("%w: acquire: %w", errUnavailable, err)
 	}
 	released := false
@@ -541,6 +543,7 @@ func (c *client) login(ctx context.Context, tag string, cr *credentials) error {
 			return err
 		}
 		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
+		c.sess.LoginDone(proxy.LoginUnavailable, lease.Backend, time.Since(start))
 		return fmt.Errorf("%w: %w", errUnavailable, err)
 	}
 	// The backend's tagged answer goes to the client under the client's tag.
@@ -552,6 +555,7 @@ func (c *client) login(ctx context.Context, tag string, cr *credentials) error {
 		c.sess.Backend = ""
 		c.failures++
 		log.Info("login", "result", "failed", "status", final.status, "elapsed", time.Since(start))
+		c.sess.LoginDone(proxy.LoginFailed, lease.Backend, time.Since(start))
 		if err := c.write(answer); err != nil {
 			return err
 		}
@@ -565,6 +569,7 @@ func (c *client) login(ctx context.Context, tag string, cr *credentials) error {
 		return err
 	}
 	log.Info("login", "result", "ok", "elapsed", time.Since(start))
+	c.sess.LoginDone(proxy.LoginOK, lease.Backend, time.Since(start))
 	c.stopWatch()
 	reason := proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), b.conn, b.r.Pending(), lease.Done)
 	return &sessionEnd{reason}

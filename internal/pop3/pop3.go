@@ -34,6 +34,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -344,7 +345,7 @@ func (c *client) login(ctx context.Context, cr *credentials) (string, bool) {
 		if ctx.Err() != nil {
 			return "shutdown", true
 		}
-		return c.loginFailed(ctx, log, start, err)
+		return c.loginFailed(ctx, log, start, netip.Addr{}, err)
 	}
 	c.sess.User = cr.user
 	c.sess.Backend = c.srv.o.Backend.Addr(lease.Backend)
@@ -356,10 +357,11 @@ func (c *client) login(ctx context.Context, cr *credentials) (string, bool) {
 		if ctx.Err() != nil {
 			return "shutdown", true
 		}
-		return c.loginFailed(ctx, log, start, err)
+		return c.loginFailed(ctx, log, start, lease.Backend, err)
 	}
 	defer lease.Release()
 	log.Info("login", "result", "ok", "elapsed", time.Since(start).Round(time.Millisecond))
+	c.sess.LoginDone(proxy.LoginOK, lease.Backend, time.Since(start))
 	if err := c.reply(okLine); err != nil {
 		bconn.Close()
 		return c.writeFailed(ctx), true
@@ -374,9 +376,14 @@ func (c *client) login(ctx context.Context, cr *credentials) (string, bool) {
 
 // loginFailed answers a failed login and logs it; the session goes on in the
 // AUTHORIZATION state unless the client failed too often.
-func (c *client) loginFailed(ctx context.Context, log *slog.Logger, start time.Time, err error) (string, bool) {
+func (c *client) loginFailed(ctx context.Context, log *slog.Logger, start time.Time, backend netip.Addr, err error) (string, bool) {
 	reply, level, result := loginFailure(err)
 	log.Log(ctx, level, "login", "result", result, "elapsed", time.Since(start).Round(time.Millisecond), "error", err)
+	metric := proxy.LoginUnavailable
+	if result == "rejected" {
+		metric = proxy.LoginFailed
+	}
+	c.sess.LoginDone(metric, backend, time.Since(start))
 	if err := c.reply(reply); err != nil {
 		return c.writeFailed(ctx), true
 	}

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"runtime/debug"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
@@ -26,32 +27,94 @@ type ListenerSpec struct {
 
 // ServerOptions configures a Server for one protocol.
 type ServerOptions struct {
-	Proto            string // "imap", "pop3"
-	Handler          Handler
-	Listeners        []ListenerSpec
-	MaxSessions      int            // 0 = unlimited
-	MaxSessionsPerIP int            // 0 = unlimited
+	Proto     string // "imap", "pop3"
+	Handler   Handler
+	Listeners []ListenerSpec
+	// Limiter counts sessions against the service's limits. Servers that
+	// replace each other on a config reload share one, so sessions of the
+	// old server still count. Nil: a new one from MaxSessions(PerIP).
+	Limiter          *Limiter
+	MaxSessions      int            // 0 = unlimited (used when Limiter is nil)
+	MaxSessionsPerIP int            // 0 = unlimited (used when Limiter is nil)
 	Trusted          []netip.Prefix // clients allowed plaintext logins without TLS
 	// Refusal is written to a client refused by a limit, e.g.
 	// "* BYE [UNAVAILABLE] Too many connections\r\n".
 	Refusal          string
 	HandshakeTimeout time.Duration // implicit TLS handshake; default 10s
+	Observer         Observer      // metrics; nil = none
 	Logger           *slog.Logger
+}
+
+// Limiter counts open sessions of one service, in total and per client IP.
+type Limiter struct {
+	mu       sync.Mutex
+	max      int
+	maxPerIP int
+	total    int
+	perIP    map[netip.Addr]int
+}
+
+// NewLimiter returns a Limiter; 0 means unlimited.
+func NewLimiter(max, maxPerIP int) *Limiter {
+	return &Limiter{max: max, maxPerIP: maxPerIP, perIP: map[netip.Addr]int{}}
+}
+
+// SetLimits changes the limits; sessions already open are not closed.
+func (l *Limiter) SetLimits(max, maxPerIP int) {
+	l.mu.Lock()
+	l.max, l.maxPerIP = max, maxPerIP
+	l.mu.Unlock()
+}
+
+// admit counts a new session against the limits; it reports false when a
+// limit is reached.
+func (l *Limiter) admit(ip netip.Addr) (ok bool, why string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.max > 0 && l.total >= l.max {
+		return false, "max_sessions reached"
+	}
+	if l.maxPerIP > 0 && l.perIP[ip] >= l.maxPerIP {
+		return false, "max_sessions_per_ip reached"
+	}
+	l.total++
+	l.perIP[ip]++
+	return true, ""
+}
+
+func (l *Limiter) leave(ip netip.Addr) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.total--
+	if l.perIP[ip]--; l.perIP[ip] <= 0 {
+		delete(l.perIP, ip)
+	}
+}
+
+// Open returns the number of open sessions.
+func (l *Limiter) Open() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.total
 }
 
 // Server runs the listeners of one protocol.
 type Server struct {
 	o   ServerOptions
 	log *slog.Logger
+	lim *Limiter
 
-	mu    sync.Mutex
-	total int
-	perIP map[netip.Addr]int
-	lns   []net.Listener
-	wg    sync.WaitGroup
+	mu  sync.Mutex
+	lns []net.Listener
+
+	accepters sync.WaitGroup
+	sessions  sync.WaitGroup
+	// cancelSessions ends every session (hard stop after the drain).
+	sessCtx        context.Context
+	cancelSessions context.CancelFunc
 }
 
-// NewServer returns a Server; call Listen, then Serve.
+// NewServer returns a Server; call Listen, then Start (or Serve).
 func NewServer(o ServerOptions) *Server {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -59,34 +122,61 @@ func NewServer(o ServerOptions) *Server {
 	if o.HandshakeTimeout <= 0 {
 		o.HandshakeTimeout = 10 * time.Second
 	}
-	return &Server{o: o, log: o.Logger.With("proto", o.Proto), perIP: map[netip.Addr]int{}}
+	if o.Observer == nil {
+		o.Observer = NopObserver{}
+	}
+	lim := o.Limiter
+	if lim == nil {
+		lim = NewLimiter(o.MaxSessions, o.MaxSessionsPerIP)
+	}
+	for i := range o.Listeners {
+		if o.Listeners[i].TLS == "" {
+			o.Listeners[i].TLS = config.TLSNone
+		}
+	}
+	return &Server{o: o, log: o.Logger.With("proto", o.Proto), lim: lim}
 }
+
+// listenConfig sets SO_REUSEPORT so that a reloaded server can bind its
+// addresses while the server it replaces still holds them: no connection is
+// refused during a reload.
+var listenConfig = net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix_SO_REUSEPORT, 1)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}}
+
+// unix_SO_REUSEPORT is SO_REUSEPORT on Linux (not exported by syscall).
+const unix_SO_REUSEPORT = 0xf
 
 // Listen opens every listener, so that configuration errors (address in use)
 // surface before serving starts.
 func (s *Server) Listen() error {
-	for i := range s.o.Listeners {
-		l := &s.o.Listeners[i]
-		if l.TLS == "" {
-			l.TLS = config.TLSNone
-		}
+	for _, l := range s.o.Listeners {
 		if l.TLS != config.TLSNone && l.TLSConfig == nil {
-			s.Close()
+			s.StopAccepting()
 			return fmt.Errorf("listen %s %s: tls %s needs a certificate", s.o.Proto, l.Address, l.TLS)
 		}
-		ln, err := net.Listen("tcp", l.Address)
+		ln, err := listenConfig.Listen(context.Background(), "tcp", l.Address)
 		if err != nil {
-			s.Close()
+			s.StopAccepting()
 			return fmt.Errorf("listen %s: %w", s.o.Proto, err)
 		}
+		s.mu.Lock()
 		s.lns = append(s.lns, ln)
+		s.mu.Unlock()
 		s.log.Info("listening", "address", ln.Addr().String(), "tls", string(l.TLS))
 	}
 	return nil
 }
 
-// Close closes the listeners; open sessions continue until ctx of Serve ends.
-func (s *Server) Close() {
+// StopAccepting closes the listeners; open sessions go on.
+func (s *Server) StopAccepting() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, ln := range s.lns {
@@ -94,29 +184,58 @@ func (s *Server) Close() {
 	}
 }
 
-// Serve accepts on every listener until ctx ends, then closes the listeners,
-// cancels the sessions and waits for them.
-func (s *Server) Serve(ctx context.Context) {
-	var accepters sync.WaitGroup
-	for i, ln := range s.lns {
-		accepters.Add(1)
+// Start accepts on every listener in the background. Sessions run under
+// ctx: when it ends, they are closed.
+func (s *Server) Start(ctx context.Context) {
+	s.sessCtx, s.cancelSessions = context.WithCancel(ctx)
+	s.mu.Lock()
+	lns := append([]net.Listener(nil), s.lns...)
+	s.mu.Unlock()
+	for i, ln := range lns {
+		s.accepters.Add(1)
 		go func() {
-			defer accepters.Done()
-			s.accept(ctx, ln, s.o.Listeners[i])
+			defer s.accepters.Done()
+			s.accept(ln, s.o.Listeners[i])
 		}()
 	}
-	<-ctx.Done()
-	s.Close()
-	accepters.Wait()
-	s.wg.Wait()
 }
 
-func (s *Server) accept(ctx context.Context, ln net.Listener, spec ListenerSpec) {
+// Drain stops accepting and waits for the open sessions to end until ctx
+// ends; then it closes the remaining sessions and waits for them. It
+// returns how many sessions had to be closed.
+func (s *Server) Drain(ctx context.Context) int {
+	s.StopAccepting()
+	s.accepters.Wait()
+	done := make(chan struct{})
+	go func() {
+		s.sessions.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		s.cancelSessions()
+		return 0
+	case <-ctx.Done():
+	}
+	n := s.lim.Open()
+	s.cancelSessions()
+	<-done
+	return n
+}
+
+// Serve is Start, then, when ctx ends, Drain without grace.
+func (s *Server) Serve(ctx context.Context) {
+	s.Start(context.WithoutCancel(ctx))
+	<-ctx.Done()
+	s.Drain(ctx)
+}
+
+func (s *Server) accept(ln net.Listener, spec ListenerSpec) {
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+			if errors.Is(err, net.ErrClosed) {
 				return
 			}
 			// Temporary failure (EMFILE...): back off like net/http.
@@ -126,10 +245,10 @@ func (s *Server) accept(ctx context.Context, ln net.Listener, spec ListenerSpec)
 			continue
 		}
 		delay = 0
-		s.wg.Add(1)
+		s.sessions.Add(1)
 		go func() {
-			defer s.wg.Done()
-			s.handle(ctx, c, spec)
+			defer s.sessions.Done()
+			s.handle(s.sessCtx, c, spec)
 		}()
 	}
 }
@@ -140,31 +259,6 @@ func addrPort(a net.Addr) netip.AddrPort {
 		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	}
 	return netip.AddrPort{}
-}
-
-// admit counts a new session against the limits; it reports false when a
-// limit is reached.
-func (s *Server) admit(ip netip.Addr) (ok bool, why string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.o.MaxSessions > 0 && s.total >= s.o.MaxSessions {
-		return false, "max_sessions reached"
-	}
-	if s.o.MaxSessionsPerIP > 0 && s.perIP[ip] >= s.o.MaxSessionsPerIP {
-		return false, "max_sessions_per_ip reached"
-	}
-	s.total++
-	s.perIP[ip]++
-	return true, ""
-}
-
-func (s *Server) leave(ip netip.Addr) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.total--
-	if s.perIP[ip]--; s.perIP[ip] <= 0 {
-		delete(s.perIP, ip)
-	}
 }
 
 // Addrs returns the addresses of the open listeners (useful with port 0).
@@ -178,12 +272,8 @@ func (s *Server) Addrs() []net.Addr {
 	return out
 }
 
-// Sessions returns the number of open sessions.
-func (s *Server) Sessions() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.total
-}
+// Sessions returns the number of open sessions of the server's Limiter.
+func (s *Server) Sessions() int { return s.lim.Open() }
 
 func newSessionID() string {
 	var b [9]byte
@@ -204,18 +294,18 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
 	id := newSessionID()
 	log := s.log.With("session", id, "remote", remote.String())
-	if ok, why := s.admit(remote.Addr()); !ok {
+	if ok, why := s.lim.admit(remote.Addr()); !ok {
 		log.Warn("connection refused", "reason", why)
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
 		_, _ = c.Write([]byte(s.o.Refusal))
 		c.Close()
 		return
 	}
-	defer s.leave(remote.Addr())
+	defer s.lim.leave(remote.Addr())
 
 	sess := &Session{
 		ID: id, Proto: s.o.Proto, Conn: c, Remote: remote, Local: local, Start: time.Now(), Log: log,
-		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Trusted: s.trusted(remote.Addr()),
+		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Trusted: s.trusted(remote.Addr()), Obs: s.o.Observer,
 	}
 	// Closing the raw connection also ends any TLS layer the handler put on it.
 	ctx, cancel := context.WithCancel(ctx)
@@ -226,6 +316,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 		sess.Conn.Close()
 		c.Close()
 	}()
+	s.o.Observer.SessionOpened(s.o.Proto)
 	log.Info("session start", "local", local.String(), "tls", string(sess.TLSMode))
 
 	reason := ""
@@ -235,6 +326,11 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 			log.Error("session panic", "panic", r, "stack", string(debug.Stack()))
 			reason = "internal error"
 		}
+		backend := ""
+		if sess.loggedIn.IsValid() {
+			backend = sess.loggedIn.String()
+		}
+		s.o.Observer.SessionClosed(s.o.Proto, backend, sess.BytesIn.Load(), sess.BytesOut.Load())
 		log.Info("session end", "user", sess.User, "backend", sess.Backend,
 			"bytes_in", sess.BytesIn.Load(), "bytes_out", sess.BytesOut.Load(),
 			"duration", time.Since(sess.Start).Round(time.Millisecond).String(), "reason", reason)

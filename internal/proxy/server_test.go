@@ -150,9 +150,9 @@ func TestMaxSessionsPerIP(t *testing.T) {
 		}
 	}
 	// The per-IP table must not keep entries for IPs with no session.
-	ts.srv.mu.Lock()
-	left := len(ts.srv.perIP)
-	ts.srv.mu.Unlock()
+	ts.srv.lim.mu.Lock()
+	left := len(ts.srv.lim.perIP)
+	ts.srv.lim.mu.Unlock()
 	if left != 0 {
 		t.Errorf("perIP has %d entries after all sessions closed, want 0", left)
 	}

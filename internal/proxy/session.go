@@ -38,8 +38,50 @@ type Session struct {
 	User    string // login name as the client gave it (never the password)
 	Backend string // backend address once chosen
 
+	// Obs receives session and login events for metrics (never nil).
+	Obs Observer
+	// loggedIn is the backend the session logged in to (for metrics).
+	loggedIn netip.Addr
+
 	BytesIn  atomic.Int64 // client -> backend, after login
 	BytesOut atomic.Int64 // backend -> client, after login
+}
+
+// Observer receives session and login events; metrics.Metrics implements it.
+type Observer interface {
+	SessionOpened(proto string)
+	SessionLoggedIn(proto, backend string)
+	SessionClosed(proto, backend string, bytesIn, bytesOut int64)
+	Login(proto, result string, d time.Duration)
+}
+
+// NopObserver ignores every event.
+type NopObserver struct{}
+
+func (NopObserver) SessionOpened(string)                       {}
+func (NopObserver) SessionLoggedIn(string, string)             {}
+func (NopObserver) SessionClosed(string, string, int64, int64) {}
+func (NopObserver) Login(string, string, time.Duration)        {}
+
+// Login results passed to LoginDone.
+const (
+	LoginOK          = "ok"          // the backend accepted the login
+	LoginFailed      = "failed"      // the backend refused it (wrong password...)
+	LoginUnavailable = "unavailable" // no backend, or the backend failed
+)
+
+// LoginDone records the outcome of one login attempt for metrics: result is
+// one of the Login* constants, backend the backend tried (zero if none),
+// elapsed the time from the client's command to the backend's answer.
+func (s *Session) LoginDone(result string, backend netip.Addr, elapsed time.Duration) {
+	if s.Obs == nil {
+		s.Obs = NopObserver{}
+	}
+	s.Obs.Login(s.Proto, result, elapsed)
+	if result == LoginOK {
+		s.loggedIn = backend
+		s.Obs.SessionLoggedIn(s.Proto, backend.String())
+	}
 }
 
 // PlaintextAllowed reports whether a plaintext password may be sent on this

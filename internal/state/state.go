@@ -32,17 +32,32 @@ const (
 	CmdAddBackend    CommandType = 1 // Backend, Weight, Tag, Up
 	CmdRemoveBackend CommandType = 2 // Backend
 	CmdSetWeight     CommandType = 3 // Backend, Weight
-	CmdSetUp         CommandType = 4 // Backend, Up
-	CmdSessionOpen   CommandType = 5 // User, Backend (candidate for a new record), Time
+	CmdSetUp         CommandType = 4 // Backend, Up, Admin
+	CmdSessionOpen   CommandType = 5 // User, Backend (candidate for a new record), Tag, Time
 	CmdSessionClose  CommandType = 6 // User, Backend (where the session was), Time
 	CmdExpire        CommandType = 7 // Time
 	CmdSetExpire     CommandType = 8 // Expire
+	// CmdMoveStart marks a live record as moving to Backend (an invalid
+	// Backend means "to wherever hashing puts it next"): its sessions are
+	// being kicked and new sessions wait. Without a live record it is a no-op.
+	CmdMoveStart CommandType = 9 // User, Backend, Time
+	// CmdMoveEnd pins User to Backend with no sessions (creating the record
+	// if needed), or drops the record when Backend is invalid.
+	CmdMoveEnd CommandType = 10 // User, Backend, Tag, Time
+	// CmdForget drops the records on Backend (all records when Backend is
+	// invalid) that are not moving, whatever their sessions.
+	CmdForget CommandType = 11 // Backend
+	// CmdRestart is applied when a director starts from a saved state: no
+	// session survived, so every record's sessions drop to 0 (its expiry
+	// starting at Time) and unfinished moves complete.
+	CmdRestart CommandType = 12 // Time
 )
 
 var cmdNames = map[CommandType]string{
 	CmdAddBackend: "add-backend", CmdRemoveBackend: "remove-backend", CmdSetWeight: "set-weight",
 	CmdSetUp: "set-up", CmdSessionOpen: "session-open", CmdSessionClose: "session-close",
-	CmdExpire: "expire", CmdSetExpire: "set-expire",
+	CmdExpire: "expire", CmdSetExpire: "set-expire", CmdMoveStart: "move-start", CmdMoveEnd: "move-end",
+	CmdForget: "forget", CmdRestart: "restart",
 }
 
 func (t CommandType) String() string {
@@ -62,6 +77,9 @@ type Command struct {
 	Tag     string        `json:"tag,omitempty"`
 	Up      bool          `json:"up,omitempty"`
 	Expire  time.Duration `json:"expire,omitempty"`
+	// Admin marks a CmdSetUp made by an administrator: an admin's down holds
+	// until an admin's up; a health check's up does not lift it.
+	Admin bool `json:"admin,omitempty"`
 }
 
 // Backend is one mail server in the state.
@@ -70,13 +88,20 @@ type Backend struct {
 	Weight int        `json:"weight"`
 	Tag    string     `json:"tag,omitempty"`
 	Up     bool       `json:"up"`
+	// AdminDown is set while an administrator holds the backend down.
+	AdminDown bool `json:"admin_down,omitempty"`
 }
 
 // User is a user record: the user is pinned to Backend while the record lives.
 type User struct {
 	Key      string     `json:"user"`
 	Backend  netip.Addr `json:"backend"`
+	Tag      string     `json:"tag,omitempty"` // the pool the user was hashed in
 	Sessions int        `json:"sessions"`
+	// Moving is set while the user's sessions are kicked before a move;
+	// MoveTo is the destination (invalid: re-hash at the next login).
+	Moving bool       `json:"moving,omitempty"`
+	MoveTo netip.Addr `json:"move_to,omitzero"`
 	// LastSeen is the time of the last session open or close; with no open
 	// sessions the record expires at LastSeen + State.Expire.
 	LastSeen time.Time `json:"last_seen"`
@@ -87,6 +112,8 @@ var (
 	ErrUnknownBackend = errors.New("unknown backend")
 	ErrBackendExists  = errors.New("backend exists")
 	ErrBadCommand     = errors.New("bad command")
+	// ErrMoving is returned by CmdSessionOpen while the user is being moved.
+	ErrMoving = errors.New("user is being moved")
 )
 
 // DefaultExpire is the record lifetime after the last session when none was set.
@@ -151,6 +178,10 @@ func (s *State) Apply(c Command) (Result, error) {
 			if u.Backend == c.Backend {
 				delete(s.users, k)
 				n++
+				continue
+			}
+			if u.Moving && u.MoveTo == c.Backend {
+				u.MoveTo = netip.Addr{} // the move ends in a re-hash instead
 			}
 		}
 		return Result{Removed: n}, nil
@@ -168,6 +199,12 @@ func (s *State) Apply(c Command) (Result, error) {
 		b, ok := s.backends[c.Backend]
 		if !ok {
 			return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrUnknownBackend)
+		}
+		if c.Admin {
+			b.AdminDown = !c.Up
+		} else if c.Up && b.AdminDown {
+			// Health checks never bring up a backend an admin took down.
+			return Result{}, nil
 		}
 		b.Up = c.Up
 		return Result{}, nil
@@ -201,6 +238,67 @@ func (s *State) Apply(c Command) (Result, error) {
 		}
 		s.expire = c.Expire
 		return Result{}, nil
+	case CmdMoveStart:
+		u, ok := s.users[c.User]
+		if !ok || s.expired(u, c.Time) {
+			return Result{}, nil
+		}
+		if c.Backend.IsValid() {
+			if _, ok := s.backends[c.Backend]; !ok {
+				return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrUnknownBackend)
+			}
+		}
+		u.Moving, u.MoveTo = true, c.Backend
+		return Result{Backend: u.Backend}, nil
+	case CmdMoveEnd:
+		if c.User == "" {
+			return Result{}, fmt.Errorf("%s: empty user: %w", c.Type, ErrBadCommand)
+		}
+		if !c.Backend.IsValid() {
+			if _, ok := s.users[c.User]; ok {
+				delete(s.users, c.User)
+				return Result{Removed: 1}, nil
+			}
+			return Result{}, nil
+		}
+		if _, ok := s.backends[c.Backend]; !ok {
+			return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrUnknownBackend)
+		}
+		tag := c.Tag
+		if u, ok := s.users[c.User]; ok && tag == "" {
+			tag = u.Tag
+		}
+		s.users[c.User] = &User{Key: c.User, Backend: c.Backend, Tag: tag, LastSeen: c.Time}
+		return Result{Backend: c.Backend, Created: true}, nil
+	case CmdForget:
+		n := 0
+		for k, u := range s.users {
+			if !u.Moving && (!c.Backend.IsValid() || u.Backend == c.Backend) {
+				delete(s.users, k)
+				n++
+			}
+		}
+		return Result{Removed: n}, nil
+	case CmdRestart:
+		for k, u := range s.users {
+			if u.Moving {
+				if !u.MoveTo.IsValid() {
+					delete(s.users, k)
+					continue
+				}
+				u.Backend, u.Moving, u.MoveTo = u.MoveTo, false, netip.Addr{}
+				if c.Time.After(u.LastSeen) {
+					u.LastSeen = c.Time // the move completes now
+				}
+			}
+			if u.Sessions > 0 {
+				u.Sessions = 0
+				if c.Time.After(u.LastSeen) {
+					u.LastSeen = c.Time
+				}
+			}
+		}
+		return Result{}, nil
 	}
 	return Result{}, fmt.Errorf("apply %s: %w", c.Type, ErrBadCommand)
 }
@@ -210,6 +308,9 @@ func (s *State) sessionOpen(c Command) (Result, error) {
 		return Result{}, fmt.Errorf("%s: empty user: %w", c.Type, ErrBadCommand)
 	}
 	if u, ok := s.users[c.User]; ok && !s.expired(u, c.Time) {
+		if u.Moving {
+			return Result{Backend: u.Backend}, fmt.Errorf("%s %q: %w", c.Type, c.User, ErrMoving)
+		}
 		u.Sessions++
 		u.LastSeen = c.Time
 		return Result{Backend: u.Backend}, nil
@@ -217,12 +318,12 @@ func (s *State) sessionOpen(c Command) (Result, error) {
 	if _, ok := s.backends[c.Backend]; !ok {
 		return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrUnknownBackend)
 	}
-	s.users[c.User] = &User{Key: c.User, Backend: c.Backend, Sessions: 1, LastSeen: c.Time}
+	s.users[c.User] = &User{Key: c.User, Backend: c.Backend, Tag: c.Tag, Sessions: 1, LastSeen: c.Time}
 	return Result{Backend: c.Backend, Created: true}, nil
 }
 
 func (s *State) expired(u *User, now time.Time) bool {
-	return u.Sessions == 0 && !now.Before(u.LastSeen.Add(s.expire))
+	return u.Sessions == 0 && !u.Moving && !now.Before(u.LastSeen.Add(s.expire))
 }
 
 // Expire returns the record lifetime after the last session.
@@ -239,7 +340,7 @@ func (s *State) LiveUser(key string, now time.Time) (User, bool) {
 
 // ExpiresAt returns when u's record expires, or the zero time while it has sessions.
 func (s *State) ExpiresAt(u User) time.Time {
-	if u.Sessions > 0 {
+	if u.Sessions > 0 || u.Moving {
 		return time.Time{}
 	}
 	return u.LastSeen.Add(s.expire)

@@ -127,7 +127,9 @@ func TestCommandTypeString(t *testing.T) {
 		state.CmdSetWeight: "set-weight", state.CmdSetUp: "set-up",
 		state.CmdSessionOpen: "session-open", state.CmdSessionClose: "session-close",
 		state.CmdExpire: "expire", state.CmdSetExpire: "set-expire",
-		0: "command-0", 9: "command-9", 65535: "command-65535",
+		state.CmdMoveStart: "move-start", state.CmdMoveEnd: "move-end",
+		state.CmdForget: "forget", state.CmdRestart: "restart",
+		0: "command-0", 13: "command-13", 65535: "command-65535",
 	}
 	for ct, w := range want {
 		if got := ct.String(); got != w {
@@ -136,7 +138,8 @@ func TestCommandTypeString(t *testing.T) {
 	}
 	// The numbers are the log format: they must never change.
 	nums := []state.CommandType{state.CmdAddBackend, state.CmdRemoveBackend, state.CmdSetWeight,
-		state.CmdSetUp, state.CmdSessionOpen, state.CmdSessionClose, state.CmdExpire, state.CmdSetExpire}
+		state.CmdSetUp, state.CmdSessionOpen, state.CmdSessionClose, state.CmdExpire, state.CmdSetExpire,
+		state.CmdMoveStart, state.CmdMoveEnd, state.CmdForget, state.CmdRestart}
 	for i, ct := range nums {
 		if uint16(ct) != uint16(i+1) {
 			t.Errorf("%s = %d, want %d", ct, uint16(ct), i+1)
@@ -485,7 +488,7 @@ func TestSetExpire(t *testing.T) {
 func TestUnknownCommandType(t *testing.T) {
 	s := newXY(t)
 	apply(t, s, open("alice", bX, t0))
-	for _, ct := range []state.CommandType{0, 9, 1000, 65535} {
+	for _, ct := range []state.CommandType{0, 13, 1000, 65535} {
 		applyErr(t, s, state.Command{Type: ct, User: "alice", Backend: bX, Time: t0, Expire: time.Second}, state.ErrBadCommand)
 	}
 	_, err := s.Apply(state.Command{Type: 42})
@@ -759,6 +762,10 @@ func goldenCommands() []state.Command {
 		{Type: state.CmdSessionClose, Time: time.Date(2025, 1, 2, 3, 19, 5, 0, time.UTC), User: "alice@example.org"},
 		{Type: state.CmdExpire, Time: time.Date(2025, 1, 2, 3, 34, 5, 0, time.UTC)},
 		{Type: state.CmdSetExpire, Expire: 15 * time.Minute},
+		{Type: state.CmdMoveStart, Time: time.Date(2025, 1, 2, 3, 40, 0, 0, time.UTC), User: "bob@example.org", Backend: b},
+		{Type: state.CmdMoveEnd, Time: time.Date(2025, 1, 2, 3, 41, 0, 0, time.UTC), User: "bob@example.org", Backend: b, Tag: "rack-a"},
+		{Type: state.CmdForget, Backend: b},
+		{Type: state.CmdRestart, Time: time.Date(2025, 1, 2, 4, 0, 0, 0, time.UTC)},
 	}
 }
 
@@ -791,7 +798,7 @@ func TestCommandGolden(t *testing.T) {
 	for _, c := range cmds {
 		seen[c.Type] = true
 	}
-	for ct := state.CmdAddBackend; ct <= state.CmdSetExpire; ct++ {
+	for ct := state.CmdAddBackend; ct <= state.CmdRestart; ct++ {
 		if !seen[ct] {
 			t.Errorf("golden set lacks %s", ct)
 		}
@@ -922,7 +929,7 @@ type model struct {
 }
 
 func (m *model) live(u state.User, now time.Time) bool {
-	return u.Sessions > 0 || now.Before(u.LastSeen.Add(m.expire))
+	return u.Sessions > 0 || u.Moving || now.Before(u.LastSeen.Add(m.expire))
 }
 
 // apply returns the expected result and error (nil or one of the sentinels).
@@ -946,6 +953,11 @@ func (m *model) apply(c state.Command) (state.Result, error) {
 			if u.Backend == c.Backend {
 				delete(m.users, k)
 				n++
+				continue
+			}
+			if u.Moving && u.MoveTo == c.Backend {
+				u.MoveTo = netip.Addr{}
+				m.users[k] = u
 			}
 		}
 		return state.Result{Removed: n}, nil
@@ -967,6 +979,9 @@ func (m *model) apply(c state.Command) (state.Result, error) {
 			return state.Result{}, state.ErrBadCommand
 		}
 		if u, ok := m.users[c.User]; ok && m.live(u, c.Time) {
+			if u.Moving {
+				return state.Result{Backend: u.Backend}, state.ErrMoving
+			}
 			u.Sessions++
 			u.LastSeen = c.Time
 			m.users[c.User] = u
@@ -975,7 +990,7 @@ func (m *model) apply(c state.Command) (state.Result, error) {
 		if _, ok := m.backends[c.Backend]; !ok {
 			return state.Result{}, state.ErrUnknownBackend
 		}
-		m.users[c.User] = state.User{Key: c.User, Backend: c.Backend, Sessions: 1, LastSeen: c.Time}
+		m.users[c.User] = state.User{Key: c.User, Backend: c.Backend, Tag: c.Tag, Sessions: 1, LastSeen: c.Time}
 		return state.Result{Backend: c.Backend, Created: true}, nil
 	case state.CmdSessionClose:
 		u, ok := m.users[c.User]
@@ -1002,6 +1017,67 @@ func (m *model) apply(c state.Command) (state.Result, error) {
 			return state.Result{}, state.ErrBadCommand
 		}
 		m.expire = c.Expire
+	case state.CmdMoveStart:
+		u, ok := m.users[c.User]
+		if !ok || !m.live(u, c.Time) {
+			return state.Result{}, nil
+		}
+		if _, known := m.backends[c.Backend]; c.Backend.IsValid() && !known {
+			return state.Result{}, state.ErrUnknownBackend
+		}
+		u.Moving, u.MoveTo = true, c.Backend
+		m.users[c.User] = u
+		return state.Result{Backend: u.Backend}, nil
+	case state.CmdMoveEnd:
+		if c.User == "" {
+			return state.Result{}, state.ErrBadCommand
+		}
+		old, had := m.users[c.User]
+		if !c.Backend.IsValid() {
+			if !had {
+				return state.Result{}, nil
+			}
+			delete(m.users, c.User)
+			return state.Result{Removed: 1}, nil
+		}
+		if _, ok := m.backends[c.Backend]; !ok {
+			return state.Result{}, state.ErrUnknownBackend
+		}
+		tag := c.Tag
+		if tag == "" {
+			tag = old.Tag // "" when there was no record
+		}
+		m.users[c.User] = state.User{Key: c.User, Backend: c.Backend, Tag: tag, LastSeen: c.Time}
+		return state.Result{Backend: c.Backend, Created: true}, nil
+	case state.CmdForget:
+		n := 0
+		for k, u := range m.users {
+			if !u.Moving && (!c.Backend.IsValid() || u.Backend == c.Backend) {
+				delete(m.users, k)
+				n++
+			}
+		}
+		return state.Result{Removed: n}, nil
+	case state.CmdRestart:
+		for k, u := range m.users {
+			if u.Moving {
+				if !u.MoveTo.IsValid() {
+					delete(m.users, k)
+					continue
+				}
+				u.Backend, u.Moving, u.MoveTo = u.MoveTo, false, netip.Addr{}
+				if c.Time.After(u.LastSeen) {
+					u.LastSeen = c.Time
+				}
+			}
+			if u.Sessions > 0 {
+				u.Sessions = 0
+				if c.Time.After(u.LastSeen) {
+					u.LastSeen = c.Time
+				}
+			}
+			m.users[k] = u
+		}
 	default:
 		return state.Result{}, state.ErrBadCommand
 	}
@@ -1055,29 +1131,56 @@ func randomCommands(seed int64, n int) []state.Command {
 	for range n {
 		now = now.Add(time.Duration(rng.Intn(90)) * time.Second)
 		var c state.Command
+		// maybeInvalid returns the invalid address with probability 1/n.
+		maybeInvalid := func(n int) netip.Addr {
+			if rng.Intn(n) == 0 {
+				return netip.Addr{}
+			}
+			return backend()
+		}
 		switch p := rng.Intn(100); {
-		case p < 35:
+		case p < 33:
 			c = open(user(), backend(), now)
 			if rng.Intn(100) == 0 {
 				c.User = ""
 			}
-		case p < 63:
+			if rng.Intn(3) == 0 {
+				c.Tag = fmt.Sprintf("t%d", rng.Intn(3))
+			}
+		case p < 59:
 			c = closeS(user(), now)
-		case p < 66:
+			if rng.Intn(4) == 0 { // the backend the session was on
+				c.Backend = backend()
+			}
+		case p < 62:
 			c = state.Command{Type: state.CmdExpire, Time: now}
-		case p < 77:
+		case p < 71:
 			c = state.Command{Type: state.CmdAddBackend, Backend: backend(), Weight: rng.Intn(5) - 1,
 				Tag: fmt.Sprintf("t%d", rng.Intn(3)), Up: rng.Intn(2) == 0}
-		case p < 79:
+		case p < 73:
 			c = state.Command{Type: state.CmdRemoveBackend, Backend: backend()}
-		case p < 88:
+		case p < 80:
 			c = state.Command{Type: state.CmdSetWeight, Backend: backend(), Weight: rng.Intn(5) - 1}
-		case p < 95:
+		case p < 86:
 			c = state.Command{Type: state.CmdSetUp, Backend: backend(), Up: rng.Intn(2) == 0}
-		case p < 98:
+		case p < 88:
 			c = state.Command{Type: state.CmdSetExpire, Expire: time.Duration(rng.Intn(25)-2) * time.Minute}
+		case p < 92:
+			c = state.Command{Type: state.CmdMoveStart, User: user(), Backend: maybeInvalid(3), Time: now}
+		case p < 96:
+			c = state.Command{Type: state.CmdMoveEnd, User: user(), Backend: maybeInvalid(4), Time: now}
+			if rng.Intn(2) == 0 {
+				c.Tag = fmt.Sprintf("t%d", rng.Intn(3))
+			}
+			if rng.Intn(100) == 0 {
+				c.User = ""
+			}
+		case p < 97:
+			c = state.Command{Type: state.CmdForget, Backend: maybeInvalid(5)}
+		case p < 98:
+			c = state.Command{Type: state.CmdRestart, Time: now}
 		default:
-			c = state.Command{Type: state.CommandType(rng.Intn(3) * 9), User: user(), Backend: backend(), Time: now}
+			c = state.Command{Type: state.CommandType(rng.Intn(3) * 13), User: user(), Backend: backend(), Time: now}
 		}
 		out = append(out, c)
 	}
@@ -1101,8 +1204,16 @@ func TestRandomCommands(t *testing.T) {
 	pin := map[string]netip.Addr{}
 	lastSeen := map[string]time.Time{}
 	sessions := map[string]int{}
+	moving := map[string]bool{}
+	moveTo := map[string]netip.Addr{}
 	expire := exp
 	counts := map[string]int{}
+	unpin := func(k string) { delete(pin, k); delete(moving, k); delete(moveTo, k) }
+	// liveT is liveness from the tracked results alone.
+	liveT := func(k string, now time.Time) bool {
+		_, pinned := pin[k]
+		return pinned && (sessions[k] > 0 || moving[k] || now.Before(lastSeen[k].Add(expire)))
+	}
 
 	for i, c := range cmds {
 		if i == n/2 {
@@ -1123,6 +1234,14 @@ func TestRandomCommands(t *testing.T) {
 			t.Fatalf("seed %d step %d %+v: got %+v %v, model %+v %v", seed, i, c, ra, ea, wantR, wantErr)
 		}
 		m.check(t, a, i, c)
+		if c.Type == state.CmdSessionOpen && c.User != "" {
+			if refused := errors.Is(ea, state.ErrMoving); refused != (liveT(c.User, c.Time) && moving[c.User]) {
+				t.Fatalf("seed %d step %d %+v: refused=%v (%v) but tracked live=%v moving=%v",
+					seed, i, c, refused, ea, liveT(c.User, c.Time), moving[c.User])
+			} else if refused {
+				counts["open-refused-moving"]++
+			}
+		}
 		if ea != nil {
 			counts["error"]++
 			continue
@@ -1132,15 +1251,15 @@ func TestRandomCommands(t *testing.T) {
 		case state.CmdRemoveBackend:
 			for k, p := range pin {
 				if p == c.Backend {
-					delete(pin, k)
+					unpin(k)
 				}
 			}
 		case state.CmdSetExpire:
 			expire = c.Expire
 		case state.CmdExpire:
 			for k := range pin {
-				if sessions[k] == 0 && !c.Time.Before(lastSeen[k].Add(expire)) {
-					delete(pin, k)
+				if !liveT(k, c.Time) {
+					unpin(k)
 				}
 			}
 		case state.CmdSessionClose:
@@ -1170,9 +1289,73 @@ func TestRandomCommands(t *testing.T) {
 					counts["replaced-expired"]++
 				}
 				sessions[c.User] = 1
+				delete(moving, c.User)
+				delete(moveTo, c.User)
 			}
 			pin[c.User] = ra.Backend
 			lastSeen[c.User] = c.Time
+		case state.CmdMoveStart:
+			live := liveT(c.User, c.Time)
+			switch {
+			case live && ra.Backend != pin[c.User]:
+				t.Fatalf("seed %d step %d %+v: move-start of a user live on %s got %+v", seed, i, c, pin[c.User], ra)
+			case !live && ra != (state.Result{}):
+				t.Fatalf("seed %d step %d %+v: move-start without live record got %+v, want no-op", seed, i, c, ra)
+			case live:
+				counts["move-start-live"]++
+				moving[c.User], moveTo[c.User] = true, c.Backend
+			}
+		case state.CmdMoveEnd:
+			if !c.Backend.IsValid() {
+				if _, ok := pin[c.User]; ok != (ra.Removed == 1) {
+					t.Fatalf("seed %d step %d %+v: drop of a record (tracked %v) got %+v", seed, i, c, ok, ra)
+				}
+				counts["move-end-drop"]++
+				unpin(c.User)
+				break
+			}
+			if ra != (state.Result{Backend: c.Backend, Created: true}) {
+				t.Fatalf("seed %d step %d %+v: move-end got %+v", seed, i, c, ra)
+			}
+			pin[c.User], sessions[c.User], lastSeen[c.User] = c.Backend, 0, c.Time
+			delete(moving, c.User)
+			delete(moveTo, c.User)
+		case state.CmdForget:
+			n := 0
+			for k, p := range pin {
+				if !moving[k] && (!c.Backend.IsValid() || p == c.Backend) {
+					unpin(k)
+					n++
+				}
+			}
+			if ra.Removed != n {
+				t.Fatalf("seed %d step %d %+v: forget removed %d, tracked %d", seed, i, c, ra.Removed, n)
+			}
+			if n > 0 {
+				counts["forget-removed"] += n
+			}
+		case state.CmdRestart:
+			for k := range pin {
+				if moving[k] {
+					counts["restart-completed-move"]++
+					if !moveTo[k].IsValid() {
+						unpin(k)
+						continue
+					}
+					pin[k] = moveTo[k]
+					delete(moving, k)
+					delete(moveTo, k)
+					if c.Time.After(lastSeen[k]) {
+						lastSeen[k] = c.Time
+					}
+				}
+				if sessions[k] > 0 {
+					sessions[k] = 0
+					if c.Time.After(lastSeen[k]) {
+						lastSeen[k] = c.Time
+					}
+				}
+			}
 		}
 		counts[c.Type.String()]++
 		if c.Type == state.CmdExpire && ra.Removed > 0 {
@@ -1191,10 +1374,369 @@ func TestRandomCommands(t *testing.T) {
 	}
 	// The sequence must actually exercise the interesting paths.
 	for _, k := range []string{"kept-despite-other-candidate", "created", "replaced-expired", "expire-removed",
-		"remove-dropped", "error", "set-expire", "set-up", "set-weight", "add-backend"} {
+		"remove-dropped", "error", "set-expire", "set-up", "set-weight", "add-backend",
+		"move-start-live", "move-end", "move-end-drop", "forget-removed", "restart", "restart-completed-move",
+		"open-refused-moving"} {
 		if counts[k] < 5 {
 			t.Errorf("random log exercised %q only %d times: %v", k, counts[k], counts)
 		}
 	}
 	t.Logf("counts: %v; final users %d backends %d", counts, len(a.Users()), len(a.Backends()))
+}
+
+// moveStart, moveEnd are the move commands; an invalid to means "re-hash".
+func moveStart(user string, to netip.Addr, at time.Time) state.Command {
+	return state.Command{Type: state.CmdMoveStart, User: user, Backend: to, Time: at}
+}
+
+func moveEnd(user string, to netip.Addr, tag string, at time.Time) state.Command {
+	return state.Command{Type: state.CmdMoveEnd, User: user, Backend: to, Tag: tag, Time: at}
+}
+
+// noop applies c, expecting success, a zero result and no state change.
+func noop(t testing.TB, s *state.State, c state.Command) {
+	t.Helper()
+	before := snap(t, s)
+	if r := apply(t, s, c); r != (state.Result{}) {
+		t.Errorf("Apply(%+v) = %+v, want zero result", c, r)
+	}
+	if after := snap(t, s); !bytes.Equal(before, after) {
+		t.Errorf("Apply(%+v) changed the state:\nbefore %s\nafter  %s", c, before, after)
+	}
+}
+
+func TestMoveStart(t *testing.T) {
+	s := newXY(t)
+	apply(t, s, state.Command{Type: state.CmdSessionOpen, User: "alice", Backend: bX, Tag: "t1", Time: t0})
+	apply(t, s, open("alice", bX, t0.Add(time.Second)))
+	t1 := t0.Add(time.Minute)
+	if r := apply(t, s, moveStart("alice", bY, t1)); r != (state.Result{Backend: bX}) {
+		t.Errorf("move-start result = %+v, want the current backend %s", r, bX)
+	}
+	// Only the move flags change: sessions, backend, tag and LastSeen stay.
+	want := state.User{Key: "alice", Backend: bX, Tag: "t1", Sessions: 2, Moving: true, MoveTo: bY, LastSeen: t0.Add(time.Second)}
+	if u := mustUser(t, s, "alice"); u != want {
+		t.Errorf("record = %+v, want %+v", u, want)
+	}
+
+	t.Run("to re-hash", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, open("bob", bX, t0))
+		apply(t, s, closeS("bob", t0)) // no session, still live
+		if r := apply(t, s, moveStart("bob", netip.Addr{}, t0.Add(exp-1))); r != (state.Result{Backend: bX}) {
+			t.Errorf("move-start = %+v", r)
+		}
+		if u := mustUser(t, s, "bob"); !u.Moving || u.MoveTo.IsValid() || u.Backend != bX {
+			t.Errorf("record = %+v, want moving with no target", u)
+		}
+	})
+	t.Run("absent user", func(t *testing.T) {
+		s := newXY(t)
+		noop(t, s, moveStart("nobody", bY, t0))
+		noop(t, s, moveStart("nobody", bNo, t0)) // no record: the target is not even looked at
+		if hasUser(s, "nobody") {
+			t.Error("move-start created a record")
+		}
+	})
+	t.Run("expired record", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, open("carol", bX, t0))
+		apply(t, s, closeS("carol", t0))
+		noop(t, s, moveStart("carol", bY, t0.Add(exp)))
+		if u := mustUser(t, s, "carol"); u.Moving {
+			t.Errorf("expired record marked moving: %+v", u)
+		}
+	})
+	t.Run("unknown target", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, open("dave", bX, t0))
+		applyErr(t, s, moveStart("dave", bNo, t0), state.ErrUnknownBackend)
+		if u := mustUser(t, s, "dave"); u.Moving {
+			t.Errorf("failed move-start marked the record moving: %+v", u)
+		}
+	})
+}
+
+// A moving record refuses new sessions (state unchanged), still counts
+// closes, and never expires however old.
+func TestMovingRecordRefusesSessionsAndNeverExpires(t *testing.T) {
+	s := newXY(t)
+	apply(t, s, open("alice", bX, t0))
+	apply(t, s, open("bob", bX, t0))
+	apply(t, s, moveStart("alice", bY, t0))
+
+	before := snap(t, s)
+	for _, cand := range []netip.Addr{bX, bY, bNo, {}} {
+		_, err := s.Apply(open("alice", cand, t0.Add(time.Minute)))
+		if !errors.Is(err, state.ErrMoving) {
+			t.Errorf("open of a moving user (candidate %v): err = %v, want ErrMoving", cand, err)
+		}
+		if err != nil && !strings.Contains(err.Error(), `"alice"`) {
+			t.Errorf("error %q does not name the user", err)
+		}
+	}
+	if after := snap(t, s); !bytes.Equal(before, after) {
+		t.Errorf("refused opens changed the state:\nbefore %s\nafter  %s", before, after)
+	}
+	// Other users are not affected.
+	if r := apply(t, s, open("bob", bY, t0.Add(time.Minute))); r != (state.Result{Backend: bX}) {
+		t.Errorf("open of another user = %+v", r)
+	}
+	// The kicked session's close counts.
+	t1 := t0.Add(2 * time.Minute)
+	if r := apply(t, s, closeS("alice", t1)); r != (state.Result{Backend: bX}) {
+		t.Errorf("close of a moving user's session = %+v", r)
+	}
+	if u := mustUser(t, s, "alice"); u.Sessions != 0 || !u.Moving || u.LastSeen != t1 {
+		t.Errorf("after close: %+v", u)
+	}
+	far := t1.Add(1000 * exp)
+	if _, ok := s.LiveUser("alice", far); !ok {
+		t.Error("moving record with no session is not live long after its expiry")
+	}
+	if r := apply(t, s, state.Command{Type: state.CmdExpire, Time: far}); r.Removed != 0 {
+		t.Errorf("expire removed %d records; the moving record must stay", r.Removed)
+	}
+	if u := mustUser(t, s, "alice"); !u.Moving {
+		t.Errorf("record after expire: %+v", u)
+	}
+	// Refused even long after.
+	if _, err := s.Apply(open("alice", bY, far)); !errors.Is(err, state.ErrMoving) {
+		t.Errorf("open long after: %v", err)
+	}
+}
+
+func TestMoveEnd(t *testing.T) {
+	t1 := t0.Add(time.Minute)
+	t.Run("pin keeps tag", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, state.Command{Type: state.CmdSessionOpen, User: "alice", Backend: bX, Tag: "t1", Time: t0})
+		apply(t, s, moveStart("alice", bY, t0))
+		apply(t, s, closeS("alice", t0))
+		if r := apply(t, s, moveEnd("alice", bY, "", t1)); r != (state.Result{Backend: bY, Created: true}) {
+			t.Errorf("move-end = %+v", r)
+		}
+		want := state.User{Key: "alice", Backend: bY, Tag: "t1", LastSeen: t1}
+		if u := mustUser(t, s, "alice"); u != want {
+			t.Errorf("record = %+v, want %+v", u, want)
+		}
+		// The new pin holds and its expiry counts from the move's end.
+		if r := apply(t, s, open("alice", bX, t1.Add(exp-1))); r != (state.Result{Backend: bY}) {
+			t.Errorf("open after move = %+v, want pinned %s", r, bY)
+		}
+	})
+	t.Run("tag given wins", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, state.Command{Type: state.CmdSessionOpen, User: "alice", Backend: bX, Tag: "t1", Time: t0})
+		apply(t, s, moveEnd("alice", bY, "t2", t1))
+		if u := mustUser(t, s, "alice"); u.Tag != "t2" || u.Backend != bY {
+			t.Errorf("record = %+v", u)
+		}
+	})
+	t.Run("sessions still open", func(t *testing.T) {
+		// A move that timed out: the record is replaced with no session;
+		// the old session's close (on bX) does not count against it.
+		s := newXY(t)
+		apply(t, s, open("alice", bX, t0))
+		apply(t, s, moveStart("alice", bY, t0))
+		apply(t, s, moveEnd("alice", bY, "", t1))
+		apply(t, s, open("alice", bX, t1)) // new session on bY
+		apply(t, s, state.Command{Type: state.CmdSessionClose, User: "alice", Backend: bX, Time: t1.Add(time.Minute)})
+		if u := mustUser(t, s, "alice"); u.Sessions != 1 || u.Backend != bY || u.LastSeen != t1 {
+			t.Errorf("record = %+v, want 1 session on %s", u, bY)
+		}
+	})
+	t.Run("create", func(t *testing.T) {
+		s := newXY(t)
+		if r := apply(t, s, moveEnd("bob", bX, "t3", t1)); r != (state.Result{Backend: bX, Created: true}) {
+			t.Errorf("move-end = %+v", r)
+		}
+		if u := mustUser(t, s, "bob"); u != (state.User{Key: "bob", Backend: bX, Tag: "t3", LastSeen: t1}) {
+			t.Errorf("record = %+v", u)
+		}
+		if _, ok := s.LiveUser("bob", t1.Add(exp)); ok {
+			t.Error("pinned record with no session outlived its expiry")
+		}
+	})
+	t.Run("drop", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, open("carol", bX, t0))
+		apply(t, s, moveStart("carol", netip.Addr{}, t0))
+		if r := apply(t, s, moveEnd("carol", netip.Addr{}, "", t1)); r != (state.Result{Removed: 1}) {
+			t.Errorf("drop = %+v", r)
+		}
+		if hasUser(s, "carol") {
+			t.Error("record not dropped")
+		}
+		noop(t, s, moveEnd("carol", netip.Addr{}, "", t1))
+		// Re-hashed at the next open.
+		if r := apply(t, s, open("carol", bY, t1)); r != (state.Result{Backend: bY, Created: true}) {
+			t.Errorf("open after drop = %+v", r)
+		}
+	})
+	t.Run("unknown backend", func(t *testing.T) {
+		s := newXY(t)
+		apply(t, s, open("dave", bX, t0))
+		apply(t, s, moveStart("dave", bY, t0))
+		applyErr(t, s, moveEnd("dave", bNo, "", t1), state.ErrUnknownBackend)
+		if u := mustUser(t, s, "dave"); !u.Moving || u.Backend != bX {
+			t.Errorf("record after failed move-end = %+v", u)
+		}
+	})
+	t.Run("empty user", func(t *testing.T) {
+		s := newXY(t)
+		applyErr(t, s, moveEnd("", bX, "", t1), state.ErrBadCommand)
+		applyErr(t, s, moveEnd("", netip.Addr{}, "", t1), state.ErrBadCommand)
+	})
+}
+
+func TestForget(t *testing.T) {
+	s := newXY(t)
+	apply(t, s, open("x-open", bX, t0))
+	apply(t, s, open("x-closed", bX, t0))
+	apply(t, s, closeS("x-closed", t0))
+	apply(t, s, open("x-moving", bX, t0))
+	apply(t, s, moveStart("x-moving", bY, t0))
+	apply(t, s, open("y-open", bY, t0))
+	apply(t, s, open("y-moving", bY, t0))
+	apply(t, s, moveStart("y-moving", netip.Addr{}, t0))
+
+	if r := apply(t, s, state.Command{Type: state.CmdForget, Backend: bX}); r != (state.Result{Removed: 2}) {
+		t.Errorf("forget %s = %+v, want 2 removed", bX, r)
+	}
+	var keys []string
+	for _, u := range s.Users() {
+		keys = append(keys, u.Key)
+	}
+	if want := []string{"x-moving", "y-moving", "y-open"}; !slices.Equal(keys, want) {
+		t.Errorf("records after forget %s: %v, want %v", bX, keys, want)
+	}
+	// A forgotten session's close does not revive the record.
+	noop(t, s, state.Command{Type: state.CmdSessionClose, User: "x-open", Backend: bX, Time: t0.Add(time.Minute)})
+	// A backend without records, and one that does not exist: nothing.
+	noop(t, s, state.Command{Type: state.CmdForget, Backend: bNo})
+
+	if r := apply(t, s, state.Command{Type: state.CmdForget}); r != (state.Result{Removed: 1}) {
+		t.Errorf("forget all = %+v, want 1 removed", r)
+	}
+	keys = keys[:0]
+	for _, u := range s.Users() {
+		keys = append(keys, u.Key)
+	}
+	if want := []string{"x-moving", "y-moving"}; !slices.Equal(keys, want) {
+		t.Errorf("records after forget all: %v, want the moving ones %v", keys, want)
+	}
+	if len(s.Backends()) != 2 {
+		t.Errorf("forget touched backends: %+v", s.Backends())
+	}
+}
+
+func TestRestart(t *testing.T) {
+	s := newXY(t)
+	tr := t0.Add(time.Hour) // restart time
+	apply(t, s, open("open2", bX, t0))
+	apply(t, s, open("open2", bX, t0))
+	apply(t, s, open("closed", bY, t0))
+	apply(t, s, closeS("closed", t0.Add(time.Minute)))
+	apply(t, s, open("future", bX, tr.Add(time.Minute))) // LastSeen after the restart time: kept
+	apply(t, s, state.Command{Type: state.CmdSessionOpen, User: "to-y", Backend: bX, Tag: "t1", Time: t0})
+	apply(t, s, moveStart("to-y", bY, t0))
+	apply(t, s, open("to-y-closed", bX, t0))
+	apply(t, s, moveStart("to-y-closed", bY, t0))
+	apply(t, s, closeS("to-y-closed", t0.Add(2*time.Minute)))
+	apply(t, s, open("rehash", bX, t0))
+	apply(t, s, moveStart("rehash", netip.Addr{}, t0))
+
+	if r := apply(t, s, state.Command{Type: state.CmdRestart, Time: tr}); r != (state.Result{}) {
+		t.Errorf("restart result = %+v", r)
+	}
+	want := []state.User{
+		{Key: "closed", Backend: bY, LastSeen: t0.Add(time.Minute)},
+		{Key: "future", Backend: bX, LastSeen: tr.Add(time.Minute)},
+		{Key: "open2", Backend: bX, LastSeen: tr},
+		{Key: "to-y", Backend: bY, Tag: "t1", LastSeen: tr},
+		{Key: "to-y-closed", Backend: bY, LastSeen: tr}, // the move completed at the restart
+	}
+	if got := s.Users(); !slices.Equal(got, want) {
+		t.Errorf("records after restart:\n got %+v\nwant %+v", got, want)
+	}
+	// Expiry of the records that had sessions counts from the restart.
+	if _, ok := s.LiveUser("open2", tr.Add(exp-1)); !ok {
+		t.Error("open2 not live 1ns before restart+expire")
+	}
+	if _, ok := s.LiveUser("open2", tr.Add(exp)); ok {
+		t.Error("open2 live at restart+expire")
+	}
+	// Completed moves take sessions again, on their new backend.
+	if r := apply(t, s, open("to-y", bX, tr)); r != (state.Result{Backend: bY}) {
+		t.Errorf("open after restart = %+v", r)
+	}
+	// A second restart at the same time only resets sessions again.
+	b1 := snap(t, s)
+	apply(t, s, state.Command{Type: state.CmdRestart, Time: tr})
+	apply(t, s, open("to-y", bX, tr))
+	if b2 := snap(t, s); !bytes.Equal(b1, b2) {
+		t.Errorf("restart not idempotent:\n%s\n%s", b1, b2)
+	}
+}
+
+// A move towards a backend that is removed before the move ends must not
+// leave the user pinned to the removed backend: after a restart, the user
+// would be sent to an address that is no longer a backend. (Records on a
+// removed backend are dropped; a record on its way there should be too, or
+// at least turn into a re-hash.)
+func TestRestartDoesNotPinToRemovedBackend(t *testing.T) {
+	s := newXY(t)
+	apply(t, s, open("alice", bX, t0))
+	apply(t, s, moveStart("alice", bY, t0))
+	apply(t, s, state.Command{Type: state.CmdRemoveBackend, Backend: bY})
+	apply(t, s, state.Command{Type: state.CmdRestart, Time: t0.Add(time.Minute)})
+	if u, ok := s.LiveUser("alice", t0.Add(time.Minute)); ok {
+		if _, known := s.Backend(u.Backend); !known {
+			t.Errorf("after restart alice is pinned to %s, which was removed: %+v", u.Backend, u)
+		}
+	}
+}
+
+func TestSnapshotRoundTripMoving(t *testing.T) {
+	s := newXY(t)
+	apply(t, s, state.Command{Type: state.CmdSessionOpen, User: "to-y", Backend: bX, Tag: "t1", Time: t0})
+	apply(t, s, moveStart("to-y", bY, t0))
+	apply(t, s, open("rehash", bX, t0))
+	apply(t, s, moveStart("rehash", netip.Addr{}, t0))
+	apply(t, s, state.Command{Type: state.CmdSessionOpen, User: "tagged", Backend: bY, Tag: "t2", Time: t0})
+	b := snap(t, s)
+	for _, frag := range []string{
+		`{"user":"to-y","backend":"192.0.2.1","tag":"t1","sessions":1,"moving":true,"move_to":"192.0.2.2","last_seen":"2025-01-02T03:04:05Z"}`,
+		`{"user":"rehash","backend":"192.0.2.1","sessions":1,"moving":true,"last_seen":"2025-01-02T03:04:05Z"}`,
+		`{"user":"tagged","backend":"192.0.2.2","tag":"t2","sessions":1,"last_seen":"2025-01-02T03:04:05Z"}`,
+	} {
+		if !bytes.Contains(b, []byte(frag)) {
+			t.Errorf("snapshot lacks %s:\n%s", frag, b)
+		}
+	}
+	r := restore(t, b)
+	if !slices.Equal(r.Users(), s.Users()) {
+		t.Errorf("users differ:\n%+v\n%+v", r.Users(), s.Users())
+	}
+	if _, err := r.Apply(open("to-y", bX, t0)); !errors.Is(err, state.ErrMoving) {
+		t.Errorf("restored moving record accepts sessions: %v", err)
+	}
+	for _, c := range []state.Command{
+		{Type: state.CmdExpire, Time: t0.Add(100 * exp)},
+		{Type: state.CmdForget, Backend: bY}, // drops "tagged", not the moving ones
+		{Type: state.CmdRestart, Time: t0.Add(time.Hour)},
+	} {
+		r1, e1 := s.Apply(c)
+		r2, e2 := r.Apply(c)
+		if r1 != r2 || fmt.Sprint(e1) != fmt.Sprint(e2) {
+			t.Errorf("%s: original %+v %v, restored %+v %v", c.Type, r1, e1, r2, e2)
+		}
+	}
+	if b1, b2 := snap(t, s), snap(t, r); !bytes.Equal(b1, b2) {
+		t.Errorf("after the same commands:\n%s\n%s", b1, b2)
+	}
+	if hasUser(r, "rehash") || hasUser(r, "tagged") || mustUser(t, r, "to-y").Backend != bY {
+		t.Errorf("restart did not complete the restored moves: %+v", r.Users())
+	}
 }

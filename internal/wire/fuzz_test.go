@@ -41,7 +41,7 @@ func checkModel(t *testing.T, name string, r *wire.Reader, data []byte) {
 		}
 		off := len(data) - len(rest)
 		line, err := r.ReadLine()
-		if len(line) > max+1 {
+		if len(line) > max {
 			t.Fatalf("%s: line of %d bytes with MaxLine %d", name, len(line), max)
 		}
 		if len(rest) == 0 {
@@ -71,10 +71,8 @@ func checkModel(t *testing.T, name string, r *wire.Reader, data []byte) {
 		case err != nil:
 			t.Fatalf("%s: offset %d: unexpected error %v", name, off, err)
 		default:
-			// A line of MaxLine+1 bytes ending in a bare LF is tolerated
-			// here (see TestReadLineBareLFOverlong); anything longer is not.
-			if len(seg) > max+1 {
-				t.Fatalf("%s: accepted a %d-byte line (MaxLine %d) at offset %d", name, len(seg), max, off)
+			if len(trimmed) > max {
+				t.Fatalf("%s: accepted a %d-byte line (MaxLine %d) at offset %d", name, len(trimmed), max, off)
 			}
 			if !bytes.Equal(line, trimmed) {
 				t.Fatalf("%s: offset %d: line %q, want %q", name, off, line, trimmed)

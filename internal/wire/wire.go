@@ -121,22 +121,21 @@ func (r *Reader) ReadLine() ([]byte, error) {
 }
 
 // ReadLiteral reads exactly n bytes (an IMAP or ManageSieve literal). The
-// caller checks n against its own cap before calling.
+// caller checks n against its own cap before calling. One deadline covers
+// the whole literal, so a peer dripping bytes cannot stretch it.
 func (r *Reader) ReadLiteral(n int) ([]byte, error) {
+	if n < 0 {
+		return nil, fmt.Errorf("read literal: negative length %d", n)
+	}
+	if err := r.deadline(); err != nil {
+		return nil, fmt.Errorf("set read deadline: %w", err)
+	}
 	b := make([]byte, n)
-	got := 0
-	for got < n {
-		if err := r.deadline(); err != nil {
-			return nil, fmt.Errorf("set read deadline: %w", err)
+	if _, err := io.ReadFull(r.br, b); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
 		}
-		m, err := r.br.Read(b[got:])
-		got += m
-		if err != nil {
-			if err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			return nil, err
-		}
+		return nil, err
 	}
 	return b, nil
 }

@@ -99,15 +99,26 @@ func TestReadLineKeepsInnerCR(t *testing.T) {
 }
 
 func TestReadLineExactlyMaxLine(t *testing.T) {
-	const max = 100
-	line := strings.Repeat("m", max)
-	for _, eol := range []string{"\r\n", "\n"} {
-		r := wire.NewReaderFrom(strings.NewReader(line+eol+"next\r\n"), max)
-		if got := readLine(t, r); got != line {
-			t.Fatalf("eol %q: got %d bytes, want the %d-byte line", eol, len(got), max)
-		}
-		if got := readLine(t, r); got != "next" {
-			t.Fatalf("eol %q: following line = %q", eol, got)
+	// 4095 and 4096 put the CR or the LF of the longest line right at the
+	// end of bufio's 4 KiB buffer, so the line end arrives in a later chunk.
+	for _, max := range []int{100, 4094, 4095, 4096, wire.DefaultMaxLine} {
+		for _, eol := range []string{"\r\n", "\n"} {
+			line := strings.Repeat("m", max)
+			in := line + eol + line + "M" + eol + "next" + eol
+			for name, mk := range readers(in) {
+				r := wire.NewReaderFrom(mk(), max)
+				if got := readLine(t, r); got != line {
+					t.Fatalf("max %d eol %q %s: got %d bytes, want the %d-byte line", max, eol, name, len(got), max)
+				}
+				over, err := r.ReadLine()
+				if !errors.Is(err, wire.ErrLineTooLong) {
+					t.Fatalf("max %d eol %q %s: line of MaxLine+1 bytes: got %d bytes, err %v; want ErrLineTooLong", max, eol, name, len(over), err)
+				}
+				if got := readLine(t, r); got != "next" {
+					t.Fatalf("max %d eol %q %s: following line = %q", max, eol, name, trunc([]byte(got)))
+				}
+				wantErr(t, r, io.EOF)
+			}
 		}
 	}
 }
@@ -336,15 +347,32 @@ func tcpPair(t *testing.T) (client, server net.Conn) {
 	return client, r.c
 }
 
+// within runs f, failing the test (and closing conn to unblock f) if it has
+// not returned after a second: a missing deadline must fail, not hang.
+func within(t *testing.T, conn net.Conn, f func() error) (time.Duration, error) {
+	t.Helper()
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	select {
+	case err := <-done:
+		return time.Since(start), err
+	case <-time.After(time.Second):
+		conn.Close()
+		<-done
+		t.Fatalf("read still blocked after %v: no deadline", time.Since(start))
+		return 0, nil
+	}
+}
+
 func TestReadLineDeadline(t *testing.T) {
 	const timeout = 100 * time.Millisecond
 	t.Run("silent", func(t *testing.T) {
 		peer, conn := tcpPair(t)
 		_ = peer
 		r := wire.NewReader(conn, timeout, 0)
-		start := time.Now()
-		line, err := r.ReadLine()
-		el := time.Since(start)
+		var line []byte
+		el, err := within(t, conn, func() (err error) { line, err = r.ReadLine(); return err })
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("ReadLine from silent peer = %q, %v; want os.ErrDeadlineExceeded", line, err)
 		}
@@ -366,12 +394,9 @@ func TestReadLineDeadline(t *testing.T) {
 				t.Fatalf("line = %q", got)
 			}
 		}
-		start := time.Now()
-		if _, err := r.ReadLine(); !errors.Is(err, os.ErrDeadlineExceeded) {
+		_, err := within(t, conn, func() error { _, err := r.ReadLine(); return err })
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("err = %v, want os.ErrDeadlineExceeded", err)
-		}
-		if el := time.Since(start); el > time.Second {
-			t.Errorf("timed out after %v", el)
 		}
 	})
 	t.Run("trickle", func(t *testing.T) {
@@ -395,13 +420,9 @@ func TestReadLineDeadline(t *testing.T) {
 			}
 		}()
 		r := wire.NewReader(conn, timeout, 0)
-		start := time.Now()
-		_, err := r.ReadLine()
+		_, err := within(t, conn, func() error { _, err := r.ReadLine(); return err })
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
-			t.Fatalf("err = %v, want os.ErrDeadlineExceeded", err)
-		}
-		if el := time.Since(start); el > time.Second {
-			t.Errorf("trickling peer held ReadLine for %v", el)
+			t.Fatalf("trickling peer: err = %v, want os.ErrDeadlineExceeded", err)
 		}
 	})
 	t.Run("literal", func(t *testing.T) {
@@ -410,13 +431,9 @@ func TestReadLineDeadline(t *testing.T) {
 			t.Fatal(err)
 		}
 		r := wire.NewReader(conn, timeout, 0)
-		start := time.Now()
-		_, err := r.ReadLiteral(10)
+		_, err := within(t, conn, func() error { _, err := r.ReadLiteral(10); return err })
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("ReadLiteral short of data: %v, want os.ErrDeadlineExceeded", err)
-		}
-		if el := time.Since(start); el > time.Second {
-			t.Errorf("timed out after %v", el)
 		}
 	})
 	t.Run("no timeout", func(t *testing.T) {
