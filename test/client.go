@@ -239,6 +239,36 @@ func (c *IMAPClient) Close() error {
 	return c.conn.Close()
 }
 
+// WaitClosed waits up to timeout for the server to close the connection
+// (EOF or reset) without sending anything itself, and returns the lines
+// the server sent before closing (an IMAP "* BYE …", say). It fails if the
+// connection is still open after timeout.
+func (c *IMAPClient) WaitClosed(timeout time.Duration) ([]string, error) {
+	return waitClosed(c.conn, c.br, timeout)
+}
+
+// waitClosed reads lines until the peer closes the connection or timeout.
+func waitClosed(conn net.Conn, br *bufio.Reader, timeout time.Duration) ([]string, error) {
+	_ = conn.SetReadDeadline(time.Now().Add(timeout))
+	var lines []string
+	for {
+		line, err := readLine(br)
+		var ne net.Error
+		switch {
+		case err == nil:
+			if len(lines) >= 100 {
+				return lines, errors.New("wait for close: more than 100 lines")
+			}
+			lines = append(lines, line)
+			continue
+		case errors.As(err, &ne) && ne.Timeout():
+			return lines, fmt.Errorf("wait for close: connection still open after %v", timeout)
+		default: // io.EOF, connection reset: closed
+			return lines, nil
+		}
+	}
+}
+
 // POP3Client is a minimal POP3 client (RFC 1939) for tests.
 type POP3Client struct {
 	conn     net.Conn
@@ -329,6 +359,11 @@ func (c *POP3Client) StartTLS(cfg *tls.Config) error {
 	}
 	c.conn, c.br = tc, bufio.NewReader(tc)
 	return nil
+}
+
+// WaitClosed is IMAPClient.WaitClosed for POP3.
+func (c *POP3Client) WaitClosed(timeout time.Duration) ([]string, error) {
+	return waitClosed(c.conn, c.br, timeout)
 }
 
 // Close sends QUIT (best effort) and closes the connection.

@@ -6,10 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -107,6 +109,33 @@ type UsherConfig struct {
 	UserExpire         string   // user_expire, e.g. "15m"
 	Routing            string   // routing
 	Extra              string   // appended top-level TOML (before any table)
+
+	// BackendSpecs are [[backend]] tables with a tag or weight, written
+	// after Backends.
+	BackendSpecs []UsherBackend
+	// ExtraIMAPAddrs are further [[imap.listener]] addresses (same TLS as IMAPAddr).
+	ExtraIMAPAddrs []string
+	// MaxSessionsPerIP is [imap] and [pop3] max_sessions_per_ip (0: usher's default).
+	MaxSessionsPerIP int
+	// StateFile is state_file ("": usher's default, next to the config file).
+	StateFile string
+	// Tags is the [tags] table: domain → backend tag.
+	Tags map[string]string
+	// AdminListen, AdminToken and AdminAllow are [admin] listen, token and
+	// allow (the TCP admin API); empty ones are left out.
+	AdminListen string
+	AdminToken  string
+	AdminAllow  []string
+	// Tables is TOML appended at the very end, e.g. "[health]\ninterval = \"500ms\"".
+	Tables string
+}
+
+// UsherBackend is one [[backend]] table. Weight 0 is left out (usher's
+// default, 100); drain with `usher backend update` instead.
+type UsherBackend struct {
+	Address string
+	Weight  int
+	Tag     string
 }
 
 // TOML returns the configuration file text.
@@ -121,12 +150,34 @@ func (c UsherConfig) TOML() string {
 		fmt.Fprintf(&sb, "routing = %s\n", q(c.Routing))
 	}
 	sb.WriteString("trusted_networks = [\"127.0.0.0/8\"]\n")
+	if c.StateFile != "" {
+		fmt.Fprintf(&sb, "state_file = %s\n", q(c.StateFile))
+	}
 	if c.Extra != "" {
 		sb.WriteString(strings.TrimSpace(c.Extra) + "\n")
 	}
 	fmt.Fprintf(&sb, "\n[admin]\nsocket = %s\n", q(c.Socket))
-	service := func(name, addr string) {
-		if addr == "" {
+	if c.AdminListen != "" {
+		fmt.Fprintf(&sb, "listen = %s\n", q(c.AdminListen))
+	}
+	if c.AdminToken != "" {
+		fmt.Fprintf(&sb, "token = %s\n", q(c.AdminToken))
+	}
+	if len(c.AdminAllow) > 0 {
+		quoted := make([]string, len(c.AdminAllow))
+		for i, a := range c.AdminAllow {
+			quoted[i] = q(a)
+		}
+		fmt.Fprintf(&sb, "allow = [%s]\n", strings.Join(quoted, ", "))
+	}
+	if len(c.Tags) > 0 {
+		sb.WriteString("\n[tags]\n")
+		for _, d := range slices.Sorted(maps.Keys(c.Tags)) {
+			fmt.Fprintf(&sb, "%s = %s\n", q(d), q(c.Tags[d]))
+		}
+	}
+	service := func(name string, addrs ...string) {
+		if len(addrs) == 0 || addrs[0] == "" {
 			return
 		}
 		fmt.Fprintf(&sb, "\n[%s]\n", name)
@@ -136,15 +187,32 @@ func (c UsherConfig) TOML() string {
 		if c.BackendCA != "" {
 			fmt.Fprintf(&sb, "backend_ca = %s\n", q(c.BackendCA))
 		}
-		fmt.Fprintf(&sb, "\n[[%s.listener]]\naddress = %s\n", name, q(addr))
-		if c.ListenerTLS != "" {
-			fmt.Fprintf(&sb, "tls = %s\ncert = %s\nkey = %s\n", q(c.ListenerTLS), q(c.Cert), q(c.Key))
+		if c.MaxSessionsPerIP != 0 {
+			fmt.Fprintf(&sb, "max_sessions_per_ip = %d\n", c.MaxSessionsPerIP)
+		}
+		for _, addr := range addrs {
+			fmt.Fprintf(&sb, "\n[[%s.listener]]\naddress = %s\n", name, q(addr))
+			if c.ListenerTLS != "" {
+				fmt.Fprintf(&sb, "tls = %s\ncert = %s\nkey = %s\n", q(c.ListenerTLS), q(c.Cert), q(c.Key))
+			}
 		}
 	}
-	service("imap", c.IMAPAddr)
+	service("imap", append([]string{c.IMAPAddr}, c.ExtraIMAPAddrs...)...)
 	service("pop3", c.POP3Addr)
 	for _, b := range c.Backends {
 		fmt.Fprintf(&sb, "\n[[backend]]\naddress = %s\nweight = 100\n", q(b))
+	}
+	for _, b := range c.BackendSpecs {
+		fmt.Fprintf(&sb, "\n[[backend]]\naddress = %s\n", q(b.Address))
+		if b.Weight != 0 {
+			fmt.Fprintf(&sb, "weight = %d\n", b.Weight)
+		}
+		if b.Tag != "" {
+			fmt.Fprintf(&sb, "tag = %s\n", q(b.Tag))
+		}
+	}
+	if c.Tables != "" {
+		sb.WriteString("\n" + strings.TrimSpace(c.Tables) + "\n")
 	}
 	return sb.String()
 }
@@ -193,7 +261,13 @@ type usherConfigView struct {
 // and stops usher in t.Cleanup (logging its output when the test failed).
 func StartUsher(t testing.TB, bin, configTOML string) *Usher {
 	t.Helper()
-	u, err := LaunchUsher(UsherOptions{Bin: bin, Config: configTOML})
+	return StartUsherOpts(t, UsherOptions{Bin: bin, Config: configTOML})
+}
+
+// StartUsherOpts is StartUsher with every option of LaunchUsher.
+func StartUsherOpts(t testing.TB, opts UsherOptions) *Usher {
+	t.Helper()
+	u, err := LaunchUsher(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,6 +410,120 @@ func (u *Usher) Stop() error {
 	return errors.Join(errs...)
 }
 
+// Signal sends sig to the usher process (SIGHUP reloads, SIGTERM drains).
+func (u *Usher) Signal(sig syscall.Signal) error {
+	pid := u.PID()
+	if pid == 0 {
+		return fmt.Errorf("signal usher (%v): not running", sig)
+	}
+	if err := syscall.Kill(pid, sig); err != nil {
+		return fmt.Errorf("signal usher (%v): %w", sig, err)
+	}
+	return nil
+}
+
+// Wait waits up to timeout for the process to exit by itself (after a
+// signal the test sent) and returns its exit status as an error (nil for
+// exit 0). The run directory stays, so Start runs usher again on the same
+// configuration, log and state file.
+func (u *Usher) Wait(timeout time.Duration) error {
+	u.mu.Lock()
+	cmd, done := u.cmd, u.waitDone
+	u.mu.Unlock()
+	if cmd == nil {
+		return errors.New("wait for usher: not running")
+	}
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		return fmt.Errorf("wait for usher: still running %v later", timeout)
+	}
+	u.mu.Lock()
+	err := u.waitErr
+	if u.cmd == cmd {
+		u.cmd = nil
+	}
+	u.mu.Unlock()
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) // stray children, if any
+	if err != nil {
+		return fmt.Errorf("usher exited: %w", err)
+	}
+	return nil
+}
+
+// WriteConfig replaces the configuration file (for a reload with SIGHUP or
+// the next Start). It does not change the addresses the harness waits for.
+func (u *Usher) WriteConfig(configTOML string) error {
+	if err := os.WriteFile(u.confPath, []byte(configTOML), 0o644); err != nil {
+		return fmt.Errorf("write usher config: %w", err)
+	}
+	return nil
+}
+
+// LogSize is the current length of usher's log, a mark for WaitLog.
+func (u *Usher) LogSize() int64 {
+	st, err := os.Stat(u.logPath)
+	if err != nil {
+		return 0
+	}
+	return st.Size()
+}
+
+// WaitLog polls usher's log, from offset from on, until a line contains
+// every one of substrs, and returns that line; it fails after timeout.
+func (u *Usher) WaitLog(from int64, timeout time.Duration, substrs ...string) (string, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		log := u.Log()
+		if from > 0 && from <= int64(len(log)) {
+			log = log[from:]
+		}
+		for _, line := range strings.Split(log, "\n") {
+			ok := line != ""
+			for _, sub := range substrs {
+				if !strings.Contains(line, sub) {
+					ok = false
+					break
+				}
+			}
+			if ok {
+				return line, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("usher log: no line with %q within %v", substrs, timeout)
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
+
+// Exec runs the usher binary with exactly args (no --socket added) and
+// extra environment variables env ("KEY=value"), with a 15s timeout. err
+// is set only when the binary could not run or timed out; a non-zero exit
+// is reported in code.
+func (u *Usher) Exec(env []string, args ...string) (stdout, stderr string, code int, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, u.bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var so, se bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &so, &se
+	err = cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case ctx.Err() != nil:
+		return so.String(), se.String(), -1, fmt.Errorf("usher %s: %w", strings.Join(args, " "), ctx.Err())
+	case errors.As(err, &ee):
+		return so.String(), se.String(), ee.ExitCode(), nil
+	case err != nil:
+		return so.String(), se.String(), -1, fmt.Errorf("usher %s: %w", strings.Join(args, " "), err)
+	}
+	return so.String(), se.String(), 0, nil
+}
+
+// Dir is the run directory (configuration file, log, default state file).
+func (u *Usher) Dir() string { return u.dir }
+
 // Running reports whether the process is alive; err is its exit status otherwise.
 func (u *Usher) Running() (bool, error) {
 	u.mu.Lock()
@@ -408,20 +596,51 @@ func (u *Usher) CLI(words []string, args ...string) ([]byte, error) {
 type UserStatus struct {
 	User        string     `json:"user"`
 	Key         string     `json:"key"`
+	Tag         string     `json:"tag"`
+	Hash        uint32     `json:"hash"`
 	Backend     string     `json:"backend"` // "" when usher has no record
 	Sessions    int        `json:"sessions"`
+	Moving      bool       `json:"moving"`
 	Expires     *time.Time `json:"expires"` // nil while sessions are open
 	HashBackend string     `json:"hash_backend"`
 }
 
 // BackendStatus is one entry of `usher status --json`.
 type BackendStatus struct {
-	Address  string `json:"address"`
-	Weight   int    `json:"weight"`
-	Tag      string `json:"tag"`
-	Up       bool   `json:"up"`
-	Users    int    `json:"users"`
-	Sessions int    `json:"sessions"`
+	Address    string         `json:"address"`
+	Weight     int            `json:"weight"`
+	Tag        string         `json:"tag"`
+	Up         bool           `json:"up"`
+	Users      int            `json:"users"`
+	Sessions   int            `json:"sessions"`
+	LastChange *BackendChange `json:"last_change"` // nil until the state changed
+	Health     *BackendHealth `json:"health"`      // nil when health checks are off
+}
+
+// BackendChange says why and when a backend last went up or down.
+type BackendChange struct {
+	Cause string    `json:"cause"`
+	Time  time.Time `json:"time"`
+}
+
+// BackendHealth is the health checker's view of a backend.
+type BackendHealth struct {
+	Healthy   bool       `json:"healthy"`
+	Checked   *time.Time `json:"checked"`
+	LastError string     `json:"last_error"`
+	LatencyNS int64      `json:"latency_ns"`
+	HeldDown  bool       `json:"held_down"`
+	HeldUntil *time.Time `json:"held_until"`
+}
+
+// Backend returns the entry of addr, or nil.
+func Backend(bs []BackendStatus, addr string) *BackendStatus {
+	for i := range bs {
+		if bs[i].Address == addr {
+			return &bs[i]
+		}
+	}
+	return nil
 }
 
 // Status runs `usher status --json USER`.

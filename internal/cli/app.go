@@ -65,7 +65,7 @@ func newApp(cfg *config.Config, log *slog.Logger) (*app, error) {
 		if err != nil {
 			return nil, fmt.Errorf("backend %q: %w", b.Address, err)
 		}
-		backends = append(backends, state.Backend{Addr: addr.Unmap(), Weight: *b.Weight, Tag: b.Tag, Up: true})
+		backends = append(backends, state.Backend{Addr: addr, Weight: *b.Weight, Tag: b.Tag, Up: true})
 	}
 	d, err := director.New(director.Options{
 		Algorithm: route.Algorithm(cfg.Routing), HashTemplate: cfg.HashTemplate,

@@ -11,7 +11,12 @@
 //     file always wins, including a 0 that means "unlimited".
 //   - Relative file paths (state_file, admin.socket, admin.token_file,
 //     listener cert/key, backend_ca) are resolved against the directory of
-//     the configuration file.
+//     the configuration file. A UNIX listener address ("unix:/path") must be
+//     absolute and is never resolved.
+//   - There are four services, [imap], [pop3], [lmtp] and [managesieve],
+//     with the same keys; recipient_delimiter and max_message_size are for
+//     [lmtp] only. The LMTP service defaults to clients on loopback only
+//     (lmtp.allow), also when the file says allow = [].
 //   - Keys of [tags] are lower-case domains and its values valid backend
 //     tags (checked when parsing and again by Validate), so TagFor only
 //     needs to lower-case the user's domain.
@@ -47,10 +52,23 @@ const (
 	DefaultMaxSessionsPerIP = 50
 	DefaultIMAPBackendPort  = 143
 	DefaultPOP3BackendPort  = 110
-	DefaultBackendWeight    = 100
-	DefaultStateFile        = "usher-state.json"
-	DefaultMoveWait         = 30 * time.Second
-	DefaultShutdownGrace    = 30 * time.Second
+	// DefaultLMTPBackendPort is Dovecot's usual LMTP port. RFC 2033 gives
+	// LMTP no port of its own and forbids port 25 (RFC 2033, Abstract);
+	// 24 is IANA's "any private mail system".
+	DefaultLMTPBackendPort = 24
+	// DefaultManageSieveBackendPort is the IANA port of ManageSieve (RFC 5804).
+	DefaultManageSieveBackendPort = 4190
+	// DefaultLMTPMaxSessionsPerIP is 0 (unlimited): an LMTP client is
+	// usually the one MTA, so a per-IP cap would only cap the MTA.
+	DefaultLMTPMaxSessionsPerIP = 0
+	// DefaultLMTPMaxMessageSize caps an LMTP message: 64 MiB.
+	DefaultLMTPMaxMessageSize = 64 << 20
+	// DefaultUnixMode is the permission of a UNIX listener socket.
+	DefaultUnixMode      = "0660"
+	DefaultBackendWeight = 100
+	DefaultStateFile     = "usher-state.json"
+	DefaultMoveWait      = 30 * time.Second
+	DefaultShutdownGrace = 30 * time.Second
 
 	DefaultHealthInterval   = 5 * time.Second
 	DefaultHealthTimeout    = 3 * time.Second
@@ -64,6 +82,12 @@ const (
 // DefaultAdminAllow returns the default admin.allow, used when admin.listen
 // is set and admin.allow is empty: loopback only. A fresh slice per call.
 func DefaultAdminAllow() []string { return []string{"127.0.0.0/8", "::1/128"} }
+
+// DefaultLMTPAllow returns the default lmtp.allow, used when lmtp.allow is
+// missing or empty: loopback only, as delivery is for the local MTA. A
+// fresh slice per call. To accept every client, write
+// allow = ["0.0.0.0/0", "::/0"].
+func DefaultLMTPAllow() []string { return []string{"127.0.0.0/8", "::1/128"} }
 
 // MaxFileSize caps the size of a configuration file Load reads.
 const MaxFileSize = 1 << 20
@@ -198,8 +222,10 @@ func (d Duration) MarshalText() ([]byte, error) {
 // The first call on a Config treats every zero value as unset. Later calls
 // (Parse makes one after decoding) only fill what a file cannot set to a
 // meaningful zero: nil pointers (backend weight, backend_tls_verify,
-// health.enabled), an empty listener tls, an empty admin.socket or
-// state_file, an empty admin.allow while admin.listen is set. So an explicit
+// health.enabled), an empty listener tls, an empty mode of a UNIX listener,
+// an empty admin.socket or state_file, an empty admin.allow while
+// admin.listen is set, an empty lmtp.allow (so `allow = []` in [lmtp] means
+// loopback, like no allow at all). So an explicit
 // `max_sessions = 0` (unlimited) or an explicit invalid `user_expire = "0s"`
 // (reported by Validate) is never overwritten. ApplyDefaults is idempotent.
 func (c *Config) ApplyDefaults() {
@@ -217,8 +243,13 @@ func (c *Config) ApplyDefaults() {
 		setDuration(&c.Timeouts.MoveWait, DefaultMoveWait)
 		setDuration(&c.Timeouts.ShutdownGrace, DefaultShutdownGrace)
 		c.Health.firstDefaults()
-		c.IMAP.firstDefaults(DefaultIMAPBackendPort)
-		c.POP3.firstDefaults(DefaultPOP3BackendPort)
+		c.IMAP.firstDefaults(DefaultIMAPBackendPort, DefaultMaxSessionsPerIP)
+		c.POP3.firstDefaults(DefaultPOP3BackendPort, DefaultMaxSessionsPerIP)
+		c.LMTP.firstDefaults(DefaultLMTPBackendPort, DefaultLMTPMaxSessionsPerIP)
+		if c.LMTP.MaxMessageSize == 0 {
+			c.LMTP.MaxMessageSize = DefaultLMTPMaxMessageSize
+		}
+		c.ManageSieve.firstDefaults(DefaultManageSieveBackendPort, DefaultMaxSessionsPerIP)
 	}
 	dir := ""
 	if c.Path != "" {
@@ -240,6 +271,11 @@ func (c *Config) ApplyDefaults() {
 	}
 	c.IMAP.laterDefaults(dir)
 	c.POP3.laterDefaults(dir)
+	c.LMTP.laterDefaults(dir)
+	if len(c.LMTP.Allow) == 0 {
+		c.LMTP.Allow = DefaultLMTPAllow()
+	}
+	c.ManageSieve.laterDefaults(dir)
 	for i := range c.Backends {
 		if c.Backends[i].Weight == nil {
 			w := DefaultBackendWeight
@@ -264,12 +300,12 @@ func (h *Health) firstDefaults() {
 	setDuration(&h.HoldDown, DefaultHealthHoldDown)
 }
 
-func (s *Service) firstDefaults(port int) {
+func (s *Service) firstDefaults(port, perIP int) {
 	if s.MaxSessions == 0 {
 		s.MaxSessions = DefaultMaxSessions
 	}
 	if s.MaxSessionsPerIP == 0 {
-		s.MaxSessionsPerIP = DefaultMaxSessionsPerIP
+		s.MaxSessionsPerIP = perIP
 	}
 	if s.BackendPort == 0 {
 		s.BackendPort = port
@@ -289,6 +325,9 @@ func (s *Service) laterDefaults(dir string) {
 		l := &s.Listeners[i]
 		if l.TLS == "" {
 			l.TLS = TLSNone
+		}
+		if l.IsUnix() && l.Mode == "" {
+			l.Mode = DefaultUnixMode
 		}
 		l.Cert = resolve(dir, l.Cert)
 		l.Key = resolve(dir, l.Key)

@@ -78,8 +78,16 @@ func TestExampleLoadsAndValidates(t *testing.T) {
 	if err := c.ValidateNoFiles(); err != nil {
 		t.Fatalf("ValidateNoFiles: %v", err)
 	}
-	if len(c.IMAP.Listeners) != 2 || len(c.POP3.Listeners) != 2 {
-		t.Errorf("listeners: imap %d pop3 %d, want 2 and 2", len(c.IMAP.Listeners), len(c.POP3.Listeners))
+	if len(c.IMAP.Listeners) != 3 || len(c.POP3.Listeners) != 2 || len(c.LMTP.Listeners) != 2 || len(c.ManageSieve.Listeners) != 1 {
+		t.Errorf("listeners: imap %d pop3 %d lmtp %d managesieve %d, want 3, 2, 2, 1",
+			len(c.IMAP.Listeners), len(c.POP3.Listeners), len(c.LMTP.Listeners), len(c.ManageSieve.Listeners))
+	}
+	if l := c.LMTP.Listeners[0]; !l.IsUnix() || l.UnixPath() != "/run/usher/lmtp.sock" || l.UnixMode() != 0o660 {
+		t.Errorf("lmtp listener 0 = %+v", l)
+	}
+	if c.LMTP.RecipientDelimiter != "+" || c.LMTP.MaxMessageSize != 64<<20 || c.LMTP.BackendPort != 24 ||
+		c.ManageSieve.BackendPort != 4190 || !c.IMAP.Listeners[2].ProxyProtocol || len(c.IMAP.ProxyTrustedPrefixes()) != 1 {
+		t.Errorf("lmtp %+v, managesieve %+v, imap %+v", c.LMTP, c.ManageSieve, c.IMAP)
 	}
 	if c.IMAP.Listeners[1].Address != "0.0.0.0:993" || c.IMAP.Listeners[1].TLS != config.TLSImplicit {
 		t.Errorf("imap listener 1 = %+v", c.IMAP.Listeners[1])
@@ -95,16 +103,29 @@ func TestExampleLoadsAndValidates(t *testing.T) {
 		t.Errorf("Path = %q, want %q", c.Path, abs)
 	}
 
-	// With file checks, the only problems are the four listeners' missing
-	// certificate files.
+	// With file checks, the only problems are the five TLS listeners'
+	// missing certificate files and, on a host without /run/usher, the
+	// directory of the LMTP socket.
 	err = c.Validate()
-	if n := numErrs(err); n != 4 {
-		t.Fatalf("Validate: %d errors, want 4: %v", n, err)
+	want := 5
+	if fi, serr := os.Stat("/run/usher"); serr != nil || !fi.IsDir() {
+		want++
 	}
+	if n := numErrs(err); n != want {
+		t.Fatalf("Validate: %d errors, want %d: %v", n, want, err)
+	}
+	certErrs := 0
 	for _, line := range strings.Split(err.Error(), "\n") {
-		if !strings.Contains(line, ".cert: load certificate and key") || !strings.Contains(line, "/etc/usher/tls/cert.pem") {
+		switch {
+		case strings.Contains(line, ".cert: load certificate and key") && strings.Contains(line, "/etc/usher/tls/cert.pem"):
+			certErrs++
+		case strings.HasPrefix(line, "lmtp.listener[0].address: socket directory: stat /run/usher: "):
+		default:
 			t.Errorf("unexpected Validate error: %s", line)
 		}
+	}
+	if certErrs != 5 {
+		t.Errorf("Validate: %d certificate errors, want 5: %v", certErrs, err)
 	}
 	if !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("Validate error does not wrap fs.ErrNotExist: %v", err)
@@ -172,8 +193,34 @@ func TestExampleHasEveryKey(t *testing.T) {
 	if len(keys) < 20 {
 		t.Fatalf("SchemaKeys returned only %d keys: %v", len(keys), keys)
 	}
-	for _, k := range keys {
+	// The four services share their keys. Each service has its table with
+	// a listener; each service key is shown in at least one of them (mode,
+	// owner and group only fit a unix: listener, recipient_delimiter and
+	// max_message_size only [lmtp]).
+	services := []string{"imap", "pop3", "lmtp", "managesieve"}
+	anyService := map[string]bool{}
+	for k := range present {
+		if svc, rest, ok := strings.Cut(k, "."); ok && slices.Contains(services, svc) {
+			anyService[rest] = true
+		}
+	}
+	for _, svc := range services {
+		if !present[svc+".listener.address"] {
+			t.Errorf("example has no [[%s.listener]]", svc)
+		}
+	}
+	for _, k := range []string{"lmtp.recipient_delimiter", "lmtp.max_message_size", "lmtp.listener.mode", "lmtp.listener.owner", "lmtp.listener.group"} {
 		if !present[k] {
+			t.Errorf("example lacks key %q", k)
+		}
+	}
+	for _, k := range keys {
+		svc, rest, _ := strings.Cut(k, ".")
+		if slices.Contains(services, svc) {
+			if !anyService[rest] {
+				t.Errorf("example lacks key %q in every service", k)
+			}
+		} else if !present[k] {
 			t.Errorf("example lacks key %q", k)
 		}
 	}
@@ -826,6 +873,9 @@ func FuzzParse(f *testing.F) {
 		"tags = { \"A.example\" = 5, c.d = \"x\", e = { f = \"g\" } }\n[tags.x]\n[[tags]]",
 		"tags.\"a@b\" = \"\"\n[health]\nenabled = false\nfall = 0\nlogin_user = \"u\"",
 		"[admin]\nlisten = \"127.0.0.1:8080\"\ntoken = \"0123456789abcdef\"\nallow = [\"::1\", \"x\"]",
+		"[lmtp]\nallow = []\nrecipient_delimiter = \"+-\"\nmax_message_size = 1024\n[[lmtp.listener]]\naddress = \"unix:/run/l.sock\"\nmode = \"0640\"\nowner = \"0\"\ngroup = \"mail\"",
+		"managesieve = { proxy_trusted = [\"10.0.0.1\"], backend_proxy = \"v2\", listener = [ { address = \"127.0.0.1:4190\", proxy_protocol = true } ] }",
+		"[lmtp]\nmax_message_size = 99999999999999999999\n[[lmtp.listener]]\nmode = 0660\n[[pop3.listener]]\naddress = \"UNIX:/x\"\nmode = \"9\"",
 	} {
 		f.Add([]byte(s))
 	}
@@ -838,12 +888,32 @@ func FuzzParse(f *testing.F) {
 			return
 		}
 		// Parse checked [tags]; Validate's repeat of those checks agrees.
-		if err := c.ValidateNoFiles(); err != nil && strings.Contains(err.Error(), "tags.") {
-			t.Errorf("Parse accepted [tags] that Validate rejects: %v", err)
+		verr := c.ValidateNoFiles()
+		if verr != nil && strings.Contains(verr.Error(), "tags.") {
+			t.Errorf("Parse accepted [tags] that Validate rejects: %v", verr)
 		}
 		_ = c.TrustedPrefixes()
 		_ = c.AdminAllow()
 		_ = c.Warnings()
+		if len(c.LMTP.Allow) == 0 {
+			t.Errorf("lmtp.allow is empty after Parse, want the loopback default")
+		}
+		for _, s := range []config.Service{c.IMAP, c.POP3, c.LMTP, c.ManageSieve} {
+			_ = s.AllowPrefixes()
+			_ = s.ProxyTrustedPrefixes()
+			for _, l := range s.Listeners {
+				if l.IsUnix() && l.Mode == "" {
+					t.Errorf("unix listener %q without the default mode", l.Address)
+				}
+				if m := l.UnixMode(); m&^0o777 != 0 {
+					t.Errorf("UnixMode(%q) = %o, more than permission bits", l.Mode, m)
+				}
+				// On a valid config, a unix: path is absolute and fits sun_path.
+				if p := l.UnixPath(); verr == nil && l.IsUnix() && (!filepath.IsAbs(p) || len(p) > 107) {
+					t.Errorf("ValidateNoFiles accepted socket path %q", p)
+				}
+			}
+		}
 		for domain, tag := range c.Tags {
 			upper := strings.Map(func(r rune) rune {
 				if r >= 'a' && r <= 'z' {

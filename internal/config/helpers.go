@@ -198,8 +198,9 @@ func (c *Config) Warnings() []string {
 
 // ParseBackendAddress checks a backend address given at run time (the admin
 // API's `backend add`) as the [[backend]] address of a config file is
-// checked: a plain unicast IP, no host name, no port; IPv4-mapped IPv6 is
-// unmapped. It also refuses an IPv6 zone ("fe80::1%eth0"): the state file,
+// checked: a plain unicast IP, no host name, no port; an IPv4-mapped IPv6
+// address is kept as written (the Dovecot ring hashes its text). It also
+// refuses an IPv6 zone ("fe80::1%eth0"): the state file,
 // the routing table and `usher dump` key backends by address, and a zone
 // names an interface of one host only.
 func ParseBackendAddress(s string) (netip.Addr, error) {
@@ -220,4 +221,74 @@ func CheckTag(tag string) error {
 		return fmt.Errorf("backend tag: %w", err)
 	}
 	return nil
+}
+
+// AllowPrefixes returns the service's allow list as prefixes, masked,
+// single IPs as /32 or /128, IPv4-mapped IPv6 unmapped (as TrustedPrefixes).
+// Empty means every client may connect; for [lmtp], ApplyDefaults never
+// leaves it empty (DefaultLMTPAllow). Entries that do not parse are skipped:
+// call it on a Config that passed Validate. The list applies to TCP
+// listeners, checked against the client address (after a PROXY header);
+// a unix: listener has no client address, its mode, owner and group are its
+// access control.
+func (s Service) AllowPrefixes() []netip.Prefix {
+	return prefixes(s.Allow)
+}
+
+// ProxyTrustedPrefixes returns proxy_trusted as prefixes, like
+// AllowPrefixes: the peers a listener with proxy_protocol = true accepts a
+// PROXY header from. Empty means none (Validate then refuses proxy_protocol).
+func (s Service) ProxyTrustedPrefixes() []netip.Prefix {
+	return prefixes(s.ProxyTrusted)
+}
+
+// prefixes parses CIDR and IP entries with parseTrusted, skipping bad ones.
+func prefixes(list []string) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(list))
+	for _, s := range list {
+		if p, err := parseTrusted(s); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// IsUnix reports whether the listener is a UNIX socket ("unix:/path").
+func (l Listener) IsUnix() bool {
+	return strings.HasPrefix(l.Address, unixPrefix)
+}
+
+// UnixPath returns the socket path of a unix: listener ("" for TCP).
+func (l Listener) UnixPath() string {
+	if !l.IsUnix() {
+		return ""
+	}
+	return strings.TrimPrefix(l.Address, unixPrefix)
+}
+
+// UnixMode returns the permission of a unix: listener's socket: mode, or
+// DefaultUnixMode (0660) when mode is empty or does not parse (call it on
+// a Config that passed Validate).
+func (l Listener) UnixMode() os.FileMode {
+	if m, err := parseUnixMode(l.Mode); err == nil {
+		return m
+	}
+	m, _ := parseUnixMode(DefaultUnixMode)
+	return m
+}
+
+// UnixOwner resolves owner and group of a unix: listener to the ids for
+// os.Chown: -1 for an empty owner or group (unchanged), a numeric value as
+// it is, a name through the user or group database (os/user). The error
+// names the listener and the key.
+func (l Listener) UnixOwner() (uid, gid int, err error) {
+	uid, err = resolveID(l.Owner, false, true)
+	if err != nil {
+		return -1, -1, fmt.Errorf("listener %s: owner: %w", l.Address, err)
+	}
+	gid, err = resolveID(l.Group, true, true)
+	if err != nil {
+		return -1, -1, fmt.Errorf("listener %s: group: %w", l.Address, err)
+	}
+	return uid, gid, nil
 }

@@ -343,7 +343,7 @@ func TestDefaultAdminAllowFresh(t *testing.T) {
 func TestParseBackendAddress(t *testing.T) {
 	good := map[string]string{
 		"10.0.0.1":         "10.0.0.1",
-		"::ffff:10.0.0.2":  "10.0.0.2",
+		"::ffff:10.0.0.2":  "::ffff:10.0.0.2", // kept as written: the Dovecot ring hashes the text
 		"2001:db8::1":      "2001:db8::1",
 		"127.0.1.1":        "127.0.1.1",
 		"2001:DB8:0:0::10": "2001:db8::10",

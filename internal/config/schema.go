@@ -84,7 +84,7 @@ func schemaOf(t reflect.Type) *schemaNode {
 	switch t.Kind() {
 	case reflect.String:
 		return &schemaNode{kind: kindString}
-	case reflect.Int:
+	case reflect.Int, reflect.Int64:
 		return &schemaNode{kind: kindInt}
 	case reflect.Bool:
 		return &schemaNode{kind: kindBool}

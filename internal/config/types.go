@@ -48,12 +48,14 @@ type Config struct {
 	// domains go to the default pool (backends without a tag).
 	Tags map[string]string `toml:"tags"`
 
-	Admin    Admin     `toml:"admin"`
-	Timeouts Timeouts  `toml:"timeouts"`
-	Health   Health    `toml:"health"`
-	IMAP     Service   `toml:"imap"`
-	POP3     Service   `toml:"pop3"`
-	Backends []Backend `toml:"backend"`
+	Admin       Admin     `toml:"admin"`
+	Timeouts    Timeouts  `toml:"timeouts"`
+	Health      Health    `toml:"health"`
+	IMAP        Service   `toml:"imap"`
+	POP3        Service   `toml:"pop3"`
+	LMTP        Service   `toml:"lmtp"`
+	ManageSieve Service   `toml:"managesieve"`
+	Backends    []Backend `toml:"backend"`
 }
 
 // Health configures the built-in backend health checks: per backend and
@@ -104,14 +106,17 @@ type Timeouts struct {
 	ShutdownGrace Duration `toml:"shutdown_grace"`
 }
 
-// Service configures one protocol (IMAP or POP3): its listeners, limits and backend side.
+// Service configures one protocol (IMAP, POP3, LMTP or ManageSieve): its
+// listeners, limits and backend side.
 type Service struct {
 	Listeners []Listener `toml:"listener"`
 	// MaxSessions caps open sessions of this service (0 = unlimited; default 10000).
 	MaxSessions int `toml:"max_sessions"`
-	// MaxSessionsPerIP caps open sessions per client IP (0 = unlimited; default 50).
+	// MaxSessionsPerIP caps open sessions per client IP (0 = unlimited;
+	// default 50, for LMTP 0).
 	MaxSessionsPerIP int `toml:"max_sessions_per_ip"`
-	// BackendPort is the backend's port (default 143 for IMAP, 110 for POP3).
+	// BackendPort is the backend's port (default 143 for IMAP, 110 for POP3,
+	// 24 for LMTP, 4190 for ManageSieve).
 	BackendPort int `toml:"backend_port"`
 	// BackendTLS is how usher talks TLS to the backend (default none). With
 	// starttls the protocol code upgrades the connection; with implicit, TLS
@@ -122,14 +127,51 @@ type Service struct {
 	// starttls or implicit). See BackendTLSConfig.
 	BackendTLSVerify *bool  `toml:"backend_tls_verify"`
 	BackendCA        string `toml:"backend_ca"`
+
+	// Allow lists the client networks (CIDRs or single IPs) that may connect;
+	// others are refused at connect with a log line. Empty: everyone, except
+	// for LMTP where missing and empty both mean loopback only (127.0.0.0/8,
+	// ::1; see DefaultLMTPAllow). Checked against the real client address
+	// (after a PROXY header) on TCP listeners; a unix: listener has no client
+	// address, its mode/owner/group are its access control. See AllowPrefixes.
+	Allow []string `toml:"allow"`
+	// ProxyTrusted lists the load balancers (CIDRs or IPs) that send a PROXY
+	// protocol v1/v2 header on listeners with proxy_protocol = true;
+	// connections from elsewhere to such a listener are refused. Required
+	// when a listener has proxy_protocol = true. See ProxyTrustedPrefixes.
+	ProxyTrusted []string `toml:"proxy_trusted"`
+	// BackendProxy sends a PROXY protocol header ("v1" or "v2", exactly) to the
+	// backend before its greeting, carrying the client's address; "" (default)
+	// sends none and forwards the address in the protocol instead (IMAP ID,
+	// POP3/LMTP XCLIENT).
+	BackendProxy string `toml:"backend_proxy"`
+
+	// LMTP only: RecipientDelimiter (e.g. "+") is stripped with what follows
+	// it from a recipient's local part before routing ("" = none); each of
+	// its (at most 8) characters is a delimiter of its own, as in Postfix and
+	// Dovecot. MaxMessageSize caps a message in bytes (default 64 MiB,
+	// 1 KiB..2 GiB; must stay 0 in the other services).
+	RecipientDelimiter string `toml:"recipient_delimiter"`
+	MaxMessageSize     int64  `toml:"max_message_size"`
 }
 
 // Listener is one address a service accepts clients on.
 type Listener struct {
-	Address string  `toml:"address"` // host:port
-	TLS     TLSMode `toml:"tls"`     // default none
-	Cert    string  `toml:"cert"`    // PEM certificate chain, needed for starttls/implicit (only then)
-	Key     string  `toml:"key"`     // PEM private key, likewise
+	// Address is host:port, or unix:/path for a UNIX socket (absolute, at
+	// most 107 bytes; the backend is still reached on its TCP port).
+	Address string  `toml:"address"`
+	TLS     TLSMode `toml:"tls"`  // default none
+	Cert    string  `toml:"cert"` // PEM certificate chain, needed for starttls/implicit (only then)
+	Key     string  `toml:"key"`  // PEM private key, likewise
+	// Mode (octal string 0..0777, default "0660") and Owner/Group (names or
+	// numeric ids, default: unchanged) of a UNIX socket; not allowed on TCP
+	// listeners. See UnixMode and UnixOwner.
+	Mode  string `toml:"mode"`
+	Owner string `toml:"owner"`
+	Group string `toml:"group"`
+	// ProxyProtocol expects a PROXY v1/v2 header from the service's
+	// proxy_trusted load balancers before the greeting (TCP listeners only).
+	ProxyProtocol bool `toml:"proxy_protocol"`
 }
 
 // Backend is one mail server users are routed to.

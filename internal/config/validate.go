@@ -9,10 +9,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 // Limits checked by Validate.
@@ -24,14 +27,50 @@ const (
 	// maxSocketPath is the longest UNIX socket path Linux accepts
 	// (sun_path is 108 bytes including the terminating NUL, unix(7)).
 	maxSocketPath = 107
+
+	// MinMaxMessageSize and MaxMaxMessageSize bound lmtp.max_message_size.
+	MinMaxMessageSize = 1 << 10 // 1 KiB
+	MaxMaxMessageSize = 2 << 30 // 2 GiB
+	// MaxRecipientDelimiter caps lmtp.recipient_delimiter, in characters.
+	MaxRecipientDelimiter = 8
+	// maxIDNameLen caps a listener owner or group name.
+	maxIDNameLen = 256
+	// maxUnixMode is the largest listener mode: permission bits only, no
+	// setuid, setgid or sticky bit.
+	maxUnixMode = 0o777
+	// smtpPort is the port LMTP must not use (RFC 2033, Abstract).
+	smtpPort = 25
 )
 
+// unixPrefix starts the address of a UNIX socket listener.
+const unixPrefix = "unix:"
+
+// Backend PROXY protocol versions for backend_proxy.
+const (
+	BackendProxyNone = ""
+	BackendProxyV1   = "v1"
+	BackendProxyV2   = "v2"
+)
+
+// service is one [service] table with its key.
+type service struct {
+	name string // "imap", "pop3", "lmtp", "managesieve"
+	s    *Service
+}
+
+// services lists the four services in a fixed order.
+func (c *Config) services() []service {
+	return []service{{"imap", &c.IMAP}, {"pop3", &c.POP3}, {"lmtp", &c.LMTP}, {"managesieve", &c.ManageSieve}}
+}
+
 // Validate checks the whole configuration, including that certificate, key
-// and CA files load, that admin.token_file holds a usable token and that the
-// directory of state_file exists. Findings that are not errors (a [tags]
-// entry no backend serves yet) come from Warnings. It returns every problem found, joined with
-// errors.Join, each starting with the key it is about. Call it after
-// ApplyDefaults (Load and Parse apply defaults).
+// and CA files load, that admin.token_file holds a usable token, that the
+// directories of state_file and of unix: listener sockets exist, and that
+// listener owner and group names resolve (os/user). Findings that are not
+// errors (a [tags] entry no backend serves yet) come from Warnings. It
+// returns every problem found, joined with errors.Join, each starting with
+// the key it is about. Call it after ApplyDefaults (Load and Parse apply
+// defaults).
 func (c *Config) Validate() error {
 	return c.validate(true)
 }
@@ -49,8 +88,9 @@ func (v *validator) wrap(key, what string, err error) {
 	v.errs = append(v.errs, fmt.Errorf("%s: %s: %w", key, what, err))
 }
 
-// validate is Validate; checkFiles=false skips the checks that read files,
-// so that a config can be validated on a host without its certificates.
+// validate is Validate; checkFiles=false skips the checks that read files
+// (the user and group database included), so that a config can be
+// validated on a host without its certificates, directories or users.
 func (c *Config) validate(checkFiles bool) error {
 	v := &validator{}
 
@@ -88,12 +128,19 @@ func (c *Config) validate(checkFiles bool) error {
 		}
 	}
 
-	if !c.IMAP.Enabled() && !c.POP3.Enabled() {
-		v.add("imap.listener", "no listeners: configure at least one [[imap.listener]] or [[pop3.listener]]")
+	enabled := false
+	for _, svc := range c.services() {
+		enabled = enabled || svc.s.Enabled()
 	}
-	listening := map[string]string{} // normalized address -> key that listens on it
-	c.IMAP.validate(v, "imap", listening, checkFiles)
-	c.POP3.validate(v, "pop3", listening, checkFiles)
+	if !enabled {
+		v.add("imap.listener", "no listeners: configure at least one [[imap.listener]], [[pop3.listener]], [[lmtp.listener]] or [[managesieve.listener]]")
+	}
+	// normalized address (host:port, or unix: and a clean path) -> key that
+	// listens on it, across all services and the admin API.
+	listening := map[string]string{}
+	for _, svc := range c.services() {
+		svc.s.validate(v, svc.name, listening, checkFiles)
+	}
 	c.Admin.validate(v, listening, checkFiles)
 	c.Health.validate(v)
 	c.validateStateFile(v, checkFiles)
@@ -112,6 +159,10 @@ func (a *Admin) validate(v *validator, listening map[string]string, checkFiles b
 	case len(a.Socket) > maxSocketPath:
 		v.add("admin.socket", "path %q is %d bytes, longer than the %d a UNIX socket allows",
 			a.Socket, len(a.Socket), maxSocketPath)
+	default:
+		if prev, dup := listening[unixPrefix+filepath.Clean(a.Socket)]; dup {
+			v.add("admin.socket", "%q is already used by %s", a.Socket, prev)
+		}
 	}
 	for i, s := range a.Allow {
 		if _, err := parseTrusted(s); err != nil {
@@ -215,38 +266,10 @@ func (c *Config) validateTags(v *validator) {
 }
 
 func (s *Service) validate(v *validator, name string, listening map[string]string, checkFiles bool) {
+	lmtp := name == "lmtp"
 	for i, l := range s.Listeners {
 		key := fmt.Sprintf("%s.listener[%d]", name, i)
-		if norm, err := checkListenAddress(l.Address); err != nil {
-			v.add(key+".address", "%v", err)
-		} else if prev, dup := listening[norm]; dup {
-			v.add(key+".address", "%q is already used by %s", l.Address, prev)
-		} else {
-			listening[norm] = key
-		}
-		switch l.TLS {
-		case TLSNone:
-			if l.Cert != "" || l.Key != "" {
-				v.add(key+".tls", "cert and key are set but tls is \"none\"; set tls = \"starttls\" or \"implicit\", or remove them")
-			}
-		case TLSStartTLS, TLSImplicit:
-			missing := false
-			if l.Cert == "" {
-				v.add(key+".cert", "required with tls = %q", l.TLS)
-				missing = true
-			}
-			if l.Key == "" {
-				v.add(key+".key", "required with tls = %q", l.TLS)
-				missing = true
-			}
-			if !missing && checkFiles {
-				if _, err := tls.LoadX509KeyPair(l.Cert, l.Key); err != nil {
-					v.wrap(key+".cert", "load certificate and key", err)
-				}
-			}
-		default:
-			v.add(key+".tls", "%q is not a TLS mode (want \"none\", \"starttls\" or \"implicit\")", l.TLS)
-		}
+		s.validateListener(v, key, l, lmtp, listening, checkFiles)
 	}
 	if s.MaxSessions < 0 {
 		v.add(name+".max_sessions", "must be 0 (unlimited) or more, got %d", s.MaxSessions)
@@ -254,8 +277,42 @@ func (s *Service) validate(v *validator, name string, listening map[string]strin
 	if s.MaxSessionsPerIP < 0 {
 		v.add(name+".max_sessions_per_ip", "must be 0 (unlimited) or more, got %d", s.MaxSessionsPerIP)
 	}
-	if s.BackendPort < 1 || s.BackendPort > 65535 {
+	switch {
+	case s.BackendPort < 1 || s.BackendPort > 65535:
 		v.add(name+".backend_port", "must be between 1 and 65535, got %d", s.BackendPort)
+	case lmtp && s.BackendPort == smtpPort:
+		v.add(name+".backend_port", "LMTP must not be used on port 25 (RFC 2033); Dovecot's LMTP port is usually 24")
+	}
+	for i, a := range s.Allow {
+		if _, err := parseTrusted(a); err != nil {
+			v.add(fmt.Sprintf("%s.allow[%d]", name, i), "%v", err)
+		}
+	}
+	for i, a := range s.ProxyTrusted {
+		if _, err := parseTrusted(a); err != nil {
+			v.add(fmt.Sprintf("%s.proxy_trusted[%d]", name, i), "%v", err)
+		}
+	}
+	switch s.BackendProxy {
+	case BackendProxyNone, BackendProxyV1, BackendProxyV2:
+	default:
+		v.add(name+".backend_proxy", "%q is not a PROXY protocol version (want \"v1\", \"v2\" or \"\" for none)", s.BackendProxy)
+	}
+	switch {
+	case s.RecipientDelimiter == "":
+	case !lmtp:
+		v.add(name+".recipient_delimiter", "is only for [lmtp]")
+	default:
+		if err := checkRecipientDelimiter(s.RecipientDelimiter); err != nil {
+			v.add(name+".recipient_delimiter", "%v", err)
+		}
+	}
+	switch {
+	case !lmtp && s.MaxMessageSize != 0:
+		v.add(name+".max_message_size", "is only for [lmtp]")
+	case lmtp && (s.MaxMessageSize < MinMaxMessageSize || s.MaxMessageSize > MaxMaxMessageSize):
+		v.add(name+".max_message_size", "must be between %d (1 KiB) and %d (2 GiB), got %d",
+			MinMaxMessageSize, MaxMaxMessageSize, s.MaxMessageSize)
 	}
 	switch s.BackendTLS {
 	case TLSNone:
@@ -273,6 +330,206 @@ func (s *Service) validate(v *validator, name string, listening map[string]strin
 	}
 }
 
+// validateListener checks one listener of a service, at key. lmtp says
+// the service is [lmtp].
+func (s *Service) validateListener(v *validator, key string, l Listener, lmtp bool, listening map[string]string, checkFiles bool) {
+	unix := l.IsUnix()
+	if unix {
+		if norm, err := checkUnixAddress(l.Address, checkFiles); err != nil {
+			v.add(key+".address", "%v", err)
+		} else if prev, dup := listening[norm]; dup {
+			v.add(key+".address", "%q is already used by %s", l.Address, prev)
+		} else {
+			listening[norm] = key
+		}
+	} else {
+		if len(l.Address) >= len(unixPrefix) && strings.EqualFold(l.Address[:len(unixPrefix)], unixPrefix) {
+			v.add(key+".address", "%q: write the unix: prefix in lower case", l.Address)
+		} else if norm, err := checkListenAddress(l.Address); err != nil {
+			v.add(key+".address", "%v", err)
+		} else if prev, dup := listening[norm]; dup {
+			v.add(key+".address", "%q is already used by %s", l.Address, prev)
+		} else {
+			listening[norm] = key
+			if _, port, _ := net.SplitHostPort(norm); lmtp && port == strconv.Itoa(smtpPort) {
+				v.add(key+".address", "LMTP must not be used on port 25 (RFC 2033)")
+			}
+		}
+	}
+
+	// TLS works the same on TCP and UNIX listeners. LMTP may use STARTTLS
+	// (RFC 2033 keeps ESMTP's extensions, so RFC 3207 applies) and implicit TLS.
+	switch l.TLS {
+	case TLSNone:
+		if l.Cert != "" || l.Key != "" {
+			v.add(key+".tls", "cert and key are set but tls is \"none\"; set tls = \"starttls\" or \"implicit\", or remove them")
+		}
+	case TLSStartTLS, TLSImplicit:
+		missing := false
+		if l.Cert == "" {
+			v.add(key+".cert", "required with tls = %q", l.TLS)
+			missing = true
+		}
+		if l.Key == "" {
+			v.add(key+".key", "required with tls = %q", l.TLS)
+			missing = true
+		}
+		if !missing && checkFiles {
+			if _, err := tls.LoadX509KeyPair(l.Cert, l.Key); err != nil {
+				v.wrap(key+".cert", "load certificate and key", err)
+			}
+		}
+	default:
+		v.add(key+".tls", "%q is not a TLS mode (want \"none\", \"starttls\" or \"implicit\")", l.TLS)
+	}
+
+	// Mode, owner and group only exist for a socket file.
+	if !unix {
+		for _, f := range []struct{ name, val string }{{"mode", l.Mode}, {"owner", l.Owner}, {"group", l.Group}} {
+			if f.val != "" {
+				v.add(key+"."+f.name, "is only for unix: listeners (%q is a TCP address)", l.Address)
+			}
+		}
+	} else {
+		if l.Mode != "" {
+			if _, err := parseUnixMode(l.Mode); err != nil {
+				v.add(key+".mode", "%v", err)
+			}
+		}
+		if _, err := resolveID(l.Owner, false, checkFiles); err != nil {
+			v.add(key+".owner", "%v", err)
+		}
+		if _, err := resolveID(l.Group, true, checkFiles); err != nil {
+			v.add(key+".group", "%v", err)
+		}
+	}
+
+	if l.ProxyProtocol {
+		switch {
+		case unix:
+			// The PROXY header is only accepted from proxy_trusted
+			// addresses, and a UNIX socket peer has none.
+			v.add(key+".proxy_protocol", "is only for TCP listeners: a unix: socket has no client address to check against proxy_trusted")
+		case len(s.ProxyTrusted) == 0:
+			name, _, _ := strings.Cut(key, ".")
+			v.add(key+".proxy_protocol", "needs %s.proxy_trusted: the load balancers that may send the PROXY header", name)
+		}
+	}
+}
+
+// checkUnixAddress checks a "unix:/path" listener address and returns
+// "unix:" and the path, the form used for duplicate detection. With
+// checkFiles, the path's directory must exist, and the path must not be
+// something other than a socket (a stale socket is replaced when listening,
+// a regular file never is).
+func checkUnixAddress(addr string, checkFiles bool) (string, error) {
+	p := strings.TrimPrefix(addr, unixPrefix)
+	switch {
+	case p == "":
+		return "", fmt.Errorf("%q has no path (want unix:/absolute/path)", addr)
+	case !filepath.IsAbs(p):
+		return "", fmt.Errorf("%q: the socket path must be absolute (want unix:/absolute/path)", addr)
+	case len(p) > maxSocketPath:
+		return "", fmt.Errorf("socket path %q is %d bytes, longer than the %d a UNIX socket allows", p, len(p), maxSocketPath)
+	case strings.ContainsFunc(p, func(r rune) bool { return r < ' ' || r == 0x7f }):
+		return "", fmt.Errorf("socket path %q has a control character", p)
+	case filepath.Clean(p) != p:
+		return "", fmt.Errorf("socket path %q is not clean: write %q", p, filepath.Clean(p))
+	case p == "/":
+		return "", fmt.Errorf("%q is a directory, not a socket path", addr)
+	}
+	if checkFiles {
+		dir := filepath.Dir(p)
+		if fi, err := os.Stat(dir); err != nil {
+			return "", fmt.Errorf("socket directory: %w", err)
+		} else if !fi.IsDir() {
+			return "", fmt.Errorf("socket directory %s is not a directory", dir)
+		}
+		if fi, err := os.Lstat(p); err == nil && fi.Mode().Type() != os.ModeSocket {
+			return "", fmt.Errorf("%s exists and is not a socket (mode %s); usher only replaces stale sockets", p, fi.Mode().Type())
+		}
+	}
+	return unixPrefix + p, nil
+}
+
+// parseUnixMode parses a listener mode: an octal number 0..0777, with or
+// without a leading 0 ("0660", "660").
+func parseUnixMode(s string) (os.FileMode, error) {
+	n, err := strconv.ParseUint(s, 8, 32)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not an octal mode like \"0660\"", s)
+	}
+	if n > maxUnixMode {
+		return 0, fmt.Errorf("%q is more than 0777: only permission bits are allowed", s)
+	}
+	return os.FileMode(n), nil
+}
+
+// resolveID resolves a listener owner (group=false) or group: "" is -1
+// (unchanged); a decimal number is that id, found in the user or group
+// database or not; anything else is a name, looked up (os/user) only when
+// lookup is set, else -1 once its syntax is checked.
+func resolveID(s string, group, lookup bool) (int, error) {
+	what := "user"
+	if group {
+		what = "group"
+	}
+	switch {
+	case s == "":
+		return -1, nil
+	case strings.Trim(s, "0123456789") == "":
+		n, err := strconv.ParseUint(s, 10, 32)
+		// (uid_t)-1 and (gid_t)-1 mean "unchanged" to chown(2).
+		if err != nil || n == 1<<32-1 {
+			return -1, fmt.Errorf("%s id %s is out of range (0..4294967294)", what, s)
+		}
+		return int(n), nil
+	case len(s) > maxIDNameLen:
+		return -1, fmt.Errorf("%s name is %d bytes, longer than %d", what, len(s), maxIDNameLen)
+	case s[0] == '-' || strings.ContainsFunc(s, func(r rune) bool { return r <= ' ' || r == 0x7f || r == ':' || r == '/' }):
+		return -1, fmt.Errorf("%q is not a %s name or a numeric id", s, what)
+	case !lookup:
+		return -1, nil
+	}
+	var id string
+	if group {
+		g, err := user.LookupGroup(s)
+		if err != nil {
+			return -1, fmt.Errorf("look up group: %w", err)
+		}
+		id = g.Gid
+	} else {
+		u, err := user.Lookup(s)
+		if err != nil {
+			return -1, fmt.Errorf("look up user: %w", err)
+		}
+		id = u.Uid
+	}
+	n, err := strconv.Atoi(id)
+	if err != nil {
+		return -1, fmt.Errorf("%s %q has the non-numeric id %q", what, s, id)
+	}
+	return n, nil
+}
+
+// checkRecipientDelimiter checks lmtp.recipient_delimiter: at most
+// MaxRecipientDelimiter characters, each of which is a delimiter, none of
+// them '@', white space or a control character.
+func checkRecipientDelimiter(d string) error {
+	if !utf8.ValidString(d) {
+		return fmt.Errorf("%q is not valid UTF-8", d)
+	}
+	if n := utf8.RuneCountInString(d); n > MaxRecipientDelimiter {
+		return fmt.Errorf("%q has %d characters, more than %d", d, n, MaxRecipientDelimiter)
+	}
+	for _, r := range d {
+		if r == '@' || unicode.IsSpace(r) || unicode.IsControl(r) {
+			return fmt.Errorf("%q has %q; '@', white space and control characters cannot be delimiters", d, r)
+		}
+	}
+	return nil
+}
+
 func (c *Config) validateBackends(v *validator) {
 	if len(c.Backends) == 0 {
 		v.add("backend", "no backends: configure at least one [[backend]]")
@@ -282,10 +539,10 @@ func (c *Config) validateBackends(v *validator) {
 		key := fmt.Sprintf("backend[%d]", i)
 		if addr, err := checkBackendAddress(b.Address); err != nil {
 			v.add(key+".address", "%v", err)
-		} else if j, dup := seen[addr]; dup {
+		} else if j, dup := seen[addr.Unmap()]; dup {
 			v.add(key+".address", "%q is the same backend as backend[%d]", b.Address, j)
 		} else {
-			seen[addr] = i
+			seen[addr.Unmap()] = i
 		}
 		if b.Weight != nil && (*b.Weight < 0 || *b.Weight > MaxBackendWeight) {
 			v.add(key+".weight", "must be between 0 and %d, got %d", MaxBackendWeight, *b.Weight)
@@ -327,12 +584,13 @@ func checkBackendAddress(s string) (netip.Addr, error) {
 	addr, err := netip.ParseAddr(s)
 	if err != nil {
 		if _, _, herr := net.SplitHostPort(s); herr == nil {
-			return netip.Addr{}, fmt.Errorf("%q has a port; write the IP only, the port comes from imap.backend_port / pop3.backend_port", s)
+			return netip.Addr{}, fmt.Errorf("%q has a port; write the IP only, the port comes from each service's backend_port", s)
 		}
 		return netip.Addr{}, fmt.Errorf("%q is not an IP address (host names are not allowed, write the IP)", s)
 	}
-	addr = addr.Unmap()
-	if addr.IsUnspecified() || addr.IsMulticast() {
+	// The address is kept as written: the Dovecot ring hashes its text, so
+	// an IPv4-mapped address must stay mapped to place users as Dovecot did.
+	if u := addr.Unmap(); u.IsUnspecified() || u.IsMulticast() {
 		return netip.Addr{}, fmt.Errorf("%q is not a unicast address", s)
 	}
 	return addr, nil

@@ -182,7 +182,22 @@ func (d *Director) Backends() []state.Backend {
 func (d *Director) Backend(addr netip.Addr) (state.Backend, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.st.Backend(addr)
+	return d.st.Backend(d.canonical(addr))
+}
+
+// canonical returns the backend address as the state knows it: an IPv4
+// address and its IPv4-mapped form name the same backend (the state keeps
+// the form it was added with, which the Dovecot ring hashes). Caller holds mu.
+func (d *Director) canonical(addr netip.Addr) netip.Addr {
+	if _, ok := d.st.Backend(addr); ok || !addr.IsValid() {
+		return addr
+	}
+	for _, b := range d.st.Backends() {
+		if b.Addr.Unmap() == addr.Unmap() {
+			return b.Addr
+		}
+	}
+	return addr
 }
 
 // backendsChanged tells the BackendsChanged hook. Call without mu held.

@@ -12,6 +12,13 @@ import (
 	"github.com/usher-mail/usher/internal/state"
 )
 
+// canonicalAddr is canonical under the lock.
+func (d *Director) canonicalAddr(addr netip.Addr) netip.Addr {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.canonical(addr)
+}
+
 // Errors of admin operations; the admin API maps them to HTTP statuses.
 var (
 	ErrNotFound    = errors.New("not found")
@@ -35,6 +42,7 @@ func (d *Director) AddBackend(b state.Backend) error {
 // UpdateBackend changes a backend's weight. No user with a live record
 // moves: weight 0 drains (no new users), others only change new hashing.
 func (d *Director) UpdateBackend(addr netip.Addr, weight int) error {
+	addr = d.canonicalAddr(addr)
 	d.mu.Lock()
 	old, ok := d.st.Backend(addr)
 	if !ok {
@@ -71,6 +79,7 @@ func (d *Director) SetBackendUp(ctx context.Context, addr netip.Addr, up bool, c
 // sessions are kicked and their records dropped, so their next login is
 // hashed afresh (after the kicked sessions closed).
 func (d *Director) setUp(ctx context.Context, addr netip.Addr, up, admin bool, cause string) error {
+	addr = d.canonicalAddr(addr)
 	d.mu.Lock()
 	before, ok := d.st.Backend(addr)
 	if !ok {
@@ -102,6 +111,7 @@ func (d *Director) setUp(ctx context.Context, addr netip.Addr, up, admin bool, c
 
 // RemoveBackend evacuates a backend's users, then removes it.
 func (d *Director) RemoveBackend(ctx context.Context, addr netip.Addr) error {
+	addr = d.canonicalAddr(addr)
 	d.mu.Lock()
 	_, ok := d.st.Backend(addr)
 	d.mu.Unlock()
@@ -157,6 +167,7 @@ func (d *Director) usersOn(addr netip.Addr) []string {
 
 // MoveUser pins user to backend to, after kicking its sessions everywhere.
 func (d *Director) MoveUser(ctx context.Context, user string, to netip.Addr) error {
+	to = d.canonicalAddr(to)
 	d.mu.Lock()
 	b, ok := d.st.Backend(to)
 	d.mu.Unlock()
@@ -293,6 +304,7 @@ type FlushResult struct {
 // Flush re-hashes the users of backend (all users when backend is invalid),
 // moving at most maxParallel at a time (0 = 10).
 func (d *Director) Flush(ctx context.Context, backend netip.Addr, maxParallel int) (FlushResult, error) {
+	backend = d.canonicalAddr(backend)
 	if backend.IsValid() {
 		d.mu.Lock()
 		_, ok := d.st.Backend(backend)
@@ -348,6 +360,7 @@ func (d *Director) Flush(ctx context.Context, backend netip.Addr, maxParallel in
 // Forget drops the records of backend's users (all when invalid) without
 // touching their sessions; it returns how many records were dropped.
 func (d *Director) Forget(backend netip.Addr) (int, error) {
+	backend = d.canonicalAddr(backend)
 	d.mu.Lock()
 	if backend.IsValid() {
 		if _, ok := d.st.Backend(backend); !ok {
@@ -488,6 +501,7 @@ type UserRecord struct {
 
 // Map returns every live user record, on backend only when it is valid.
 func (d *Director) Map(backend netip.Addr) []UserRecord {
+	backend = d.canonicalAddr(backend)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	now := d.now()

@@ -207,7 +207,7 @@ func truncate(b []byte, n int) string {
 // means the backend could not be used (unreachable, timeout, protocol error).
 func (c *client) backendLogin(ctx context.Context, clientTag string, lease *proxy.Lease, cr *credentials) (*backend, *response, error) {
 	o := &c.srv.o.Backend
-	conn, err := o.Dial(ctx, lease.Backend)
+	conn, err := o.DialFor(ctx, lease.Backend, c.sess)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -161,7 +161,7 @@ func (s *Server) backendLogin(ctx context.Context, sess *proxy.Session, ip netip
 	dctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
-	raw, err := s.o.Backend.Dial(dctx, ip)
+	raw, err := s.o.Backend.DialFor(dctx, ip, sess)
 	if err != nil {
 		return nil, nil, "", err // Dial names the operation and address
 	}

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/pires/go-proxyproto"
+
 	"github.com/usher-mail/usher/internal/config"
 )
 
@@ -19,6 +21,9 @@ type BackendOptions struct {
 	TLSConfig      *tls.Config    // client config for implicit TLS and STARTTLS
 	ConnectTimeout time.Duration  // TCP connect (+ implicit TLS handshake)
 	LoginTimeout   time.Duration  // from greeting to the backend's answer to the login
+	// SendProxy, "v1" or "v2", sends a PROXY protocol header with the
+	// client's address first on every session's backend connection.
+	SendProxy string
 }
 
 // Addr returns the backend's TCP address for ip.
@@ -30,6 +35,16 @@ func (o *BackendOptions) Addr(ip netip.Addr) string {
 // handshake. The connection is always TCP, whatever listener the client came
 // in on.
 func (o *BackendOptions) Dial(ctx context.Context, ip netip.Addr) (net.Conn, error) {
+	return o.dial(ctx, ip, nil)
+}
+
+// DialFor is Dial for a client session: with SendProxy it first sends the
+// backend a PROXY header carrying the session's client and local addresses.
+func (o *BackendOptions) DialFor(ctx context.Context, ip netip.Addr, s *Session) (net.Conn, error) {
+	return o.dial(ctx, ip, s)
+}
+
+func (o *BackendOptions) dial(ctx context.Context, ip netip.Addr, s *Session) (net.Conn, error) {
 	if o.Port <= 0 || o.Port > 65535 {
 		// A backend port of 0 is a configuration bug, never something to dial
 		// (the Dovecot director did this behind UNIX listeners).
@@ -45,6 +60,12 @@ func (o *BackendOptions) Dial(ctx context.Context, ip netip.Addr) (net.Conn, err
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial backend %s: %w", addr, err)
+	}
+	if o.SendProxy != "" && s != nil {
+		if err := writeProxyHeader(ctx, c, o.SendProxy, s); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("send PROXY header to backend %s: %w", addr, err)
+		}
 	}
 	if o.TLS != config.TLSImplicit {
 		return c, nil
@@ -72,3 +93,24 @@ func (o *BackendOptions) ClientTLS(c net.Conn, ip netip.Addr) *tls.Conn {
 }
 
 var noDeadline time.Time
+
+// writeProxyHeader writes a PROXY protocol header (v1 or v2) for s to c.
+// A session without a client IP (UNIX listener) sends a LOCAL header.
+func writeProxyHeader(ctx context.Context, c net.Conn, version string, s *Session) error {
+	v := byte(2)
+	if version == "v1" {
+		v = 1
+	}
+	var h *proxyproto.Header
+	if s.Remote.IsValid() && s.Local.IsValid() && s.Remote.Addr().Is4() == s.Local.Addr().Is4() {
+		h = proxyproto.HeaderProxyFromAddrs(v, net.TCPAddrFromAddrPort(s.Remote), net.TCPAddrFromAddrPort(s.Local))
+	} else {
+		h = &proxyproto.Header{Version: v, Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetWriteDeadline(dl)
+		defer c.SetWriteDeadline(noDeadline)
+	}
+	_, err := h.WriteTo(c)
+	return err
+}

@@ -1,28 +1,44 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 
 	"github.com/usher-mail/usher/internal/config"
 )
 
 // ListenerSpec is one address a Server accepts on.
 type ListenerSpec struct {
+	// Address is host:port, or unix:/path for a UNIX socket.
 	Address   string
 	TLS       config.TLSMode
 	TLSConfig *tls.Config // required for starttls and implicit
+	// Mode applies to a UNIX socket (0: 0660); with Chown, UID and GID too
+	// (-1 leaves one unchanged).
+	Mode     os.FileMode
+	Chown    bool
+	UID, GID int
+	// ProxyProtocol expects a PROXY v1/v2 header from a ProxyTrusted peer
+	// before anything else.
+	ProxyProtocol bool
 }
 
 // ServerOptions configures a Server for one protocol.
@@ -37,6 +53,13 @@ type ServerOptions struct {
 	MaxSessions      int            // 0 = unlimited (used when Limiter is nil)
 	MaxSessionsPerIP int            // 0 = unlimited (used when Limiter is nil)
 	Trusted          []netip.Prefix // clients allowed plaintext logins without TLS
+	// Allow, when not empty, lists the only client networks admitted (the
+	// real client address, after a PROXY header). UNIX-socket clients are
+	// governed by the socket's file permissions instead.
+	Allow []netip.Prefix
+	// ProxyTrusted are the load balancers allowed to send PROXY headers.
+	ProxyTrusted       []netip.Prefix
+	ProxyHeaderTimeout time.Duration // default 5s
 	// Refusal is written to a client refused by a limit, e.g.
 	// "* BYE [UNAVAILABLE] Too many connections\r\n".
 	Refusal          string
@@ -122,6 +145,9 @@ func NewServer(o ServerOptions) *Server {
 	if o.HandshakeTimeout <= 0 {
 		o.HandshakeTimeout = 10 * time.Second
 	}
+	if o.ProxyHeaderTimeout <= 0 {
+		o.ProxyHeaderTimeout = 5 * time.Second
+	}
 	if o.Observer == nil {
 		o.Observer = NopObserver{}
 	}
@@ -162,7 +188,7 @@ func (s *Server) Listen() error {
 			s.StopAccepting()
 			return fmt.Errorf("listen %s %s: tls %s needs a certificate", s.o.Proto, l.Address, l.TLS)
 		}
-		ln, err := listenConfig.Listen(context.Background(), "tcp", l.Address)
+		ln, err := listen(l)
 		if err != nil {
 			s.StopAccepting()
 			return fmt.Errorf("listen %s: %w", s.o.Proto, err)
@@ -173,6 +199,45 @@ func (s *Server) Listen() error {
 		s.log.Info("listening", "address", ln.Addr().String(), "tls", string(l.TLS))
 	}
 	return nil
+}
+
+// listen opens one TCP or UNIX listener.
+func listen(l ListenerSpec) (net.Listener, error) {
+	path, isUnix := strings.CutPrefix(l.Address, "unix:")
+	if !isUnix {
+		return listenConfig.Listen(context.Background(), "tcp", l.Address)
+	}
+	// A socket file left by a previous run is replaced; anything else at
+	// the path is an error.
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: another process is listening", path)
+		}
+		os.Remove(path)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	mode := l.Mode
+	if mode == 0 {
+		mode = 0o660
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	if l.Chown {
+		if err := os.Lchown(path, l.UID, l.GID); err != nil {
+			ln.Close()
+			return nil, err
+		}
+	}
+	return ln, nil
 }
 
 // StopAccepting closes the listeners; open sessions go on.
@@ -275,14 +340,18 @@ func (s *Server) Addrs() []net.Addr {
 // Sessions returns the number of open sessions of the server's Limiter.
 func (s *Server) Sessions() int { return s.lim.Open() }
 
+// closeGrace is how long a handler has to say goodbye after its session's
+// context ended before the connection is closed under it.
+const closeGrace = time.Second
+
 func newSessionID() string {
 	var b [9]byte
 	_, _ = rand.Read(b[:])
 	return base64.RawURLEncoding.EncodeToString(b[:])
 }
 
-func (s *Server) trusted(ip netip.Addr) bool {
-	for _, p := range s.o.Trusted {
+func contains(prefixes []netip.Prefix, ip netip.Addr) bool {
+	for _, p := range prefixes {
 		if p.Contains(ip) {
 			return true
 		}
@@ -290,10 +359,75 @@ func (s *Server) trusted(ip netip.Addr) bool {
 	return false
 }
 
+// remoteString names the client in logs: its address, or the socket path.
+func remoteString(remote netip.AddrPort, listener string) string {
+	if remote.IsValid() {
+		return remote.String()
+	}
+	return listener
+}
+
+// readProxyHeader reads a PROXY protocol v1/v2 header (from a ProxyTrusted
+// peer only, within ProxyHeaderTimeout) and returns the connection to use
+// and the client and local addresses the header carries. A LOCAL header
+// (health checks of the load balancer) keeps the peer's own addresses.
+func (s *Server) readProxyHeader(c net.Conn, remote, local netip.AddrPort) (net.Conn, netip.AddrPort, netip.AddrPort, error) {
+	if !remote.IsValid() || !contains(s.o.ProxyTrusted, remote.Addr()) {
+		return c, remote, local, fmt.Errorf("peer %s is not in proxy_trusted", remote)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(s.o.ProxyHeaderTimeout))
+	br := bufio.NewReaderSize(c, 4096)
+	h, err := proxyproto.Read(br)
+	_ = c.SetReadDeadline(noDeadline)
+	if err != nil {
+		return c, remote, local, fmt.Errorf("read PROXY header: %w", err)
+	}
+	if h.Command.IsProxy() {
+		if src, ok := h.SourceAddr.(*net.TCPAddr); ok {
+			ap := src.AddrPort()
+			remote = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+		if dst, ok := h.DestinationAddr.(*net.TCPAddr); ok {
+			ap := dst.AddrPort()
+			local = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+	}
+	if n := br.Buffered(); n > 0 {
+		// The peer sent more than the header: keep those bytes in front.
+		pending, _ := br.Peek(n)
+		c = &prefixConn{Conn: c, r: io.MultiReader(bytes.NewReader(append([]byte(nil), pending...)), c)}
+	}
+	return c, remote, local, nil
+}
+
+// prefixConn is a connection with bytes already read put back in front.
+type prefixConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
+
 func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
 	id := newSessionID()
-	log := s.log.With("session", id, "remote", remote.String())
+	isUnix := strings.HasPrefix(spec.Address, "unix:")
+	log := s.log.With("session", id, "remote", remoteString(remote, spec.Address))
+	if spec.ProxyProtocol {
+		var err error
+		c, remote, local, err = s.readProxyHeader(c, remote, local)
+		if err != nil {
+			log.Warn("connection refused", "reason", "proxy protocol", "err", err)
+			c.Close()
+			return
+		}
+		log = s.log.With("session", id, "remote", remoteString(remote, spec.Address), "proxy", c.RemoteAddr().String())
+	}
+	if !isUnix && len(s.o.Allow) > 0 && !contains(s.o.Allow, remote.Addr()) {
+		log.Warn("connection refused", "reason", "client address not in allow list")
+		c.Close()
+		return
+	}
 	if ok, why := s.lim.admit(remote.Addr()); !ok {
 		log.Warn("connection refused", "reason", why)
 		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
@@ -305,11 +439,15 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 
 	sess := &Session{
 		ID: id, Proto: s.o.Proto, Conn: c, Remote: remote, Local: local, Start: time.Now(), Log: log,
-		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Trusted: s.trusted(remote.Addr()), Obs: s.o.Observer,
+		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Obs: s.o.Observer,
+		// Local UNIX-socket clients are as trusted as loopback ones.
+		Trusted: isUnix && !spec.ProxyProtocol || contains(s.o.Trusted, remote.Addr()),
 	}
 	// Closing the raw connection also ends any TLS layer the handler put on it.
 	ctx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(ctx, func() { c.Close() })
+	// Handlers watch ctx and say goodbye (IMAP "* BYE", POP3 "-ERR"); the
+	// connection is closed shortly after in case one does not.
+	stop := context.AfterFunc(ctx, func() { time.AfterFunc(closeGrace, func() { c.Close() }) })
 	defer func() {
 		stop()
 		cancel()

@@ -161,8 +161,11 @@ func (s *State) Apply(c Command) (Result, error) {
 		if !c.Backend.IsValid() || c.Weight < 0 {
 			return Result{}, fmt.Errorf("%s: %w", c.Type, ErrBadCommand)
 		}
-		if _, ok := s.backends[c.Backend]; ok {
-			return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrBackendExists)
+		// An IPv4 address and its IPv4-mapped IPv6 form are one backend.
+		for a := range s.backends {
+			if a.Unmap() == c.Backend.Unmap() {
+				return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrBackendExists)
+			}
 		}
 		s.backends[c.Backend] = &Backend{Addr: c.Backend, Weight: c.Weight, Tag: c.Tag, Up: c.Up}
 		return Result{}, nil
