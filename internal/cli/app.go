@@ -14,10 +14,12 @@ import (
 	"github.com/usher-mail/usher/internal/director"
 	"github.com/usher-mail/usher/internal/health"
 	"github.com/usher-mail/usher/internal/imap"
+	"github.com/usher-mail/usher/internal/lmtp"
 	"github.com/usher-mail/usher/internal/metrics"
 	"github.com/usher-mail/usher/internal/pop3"
 	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/route"
+	"github.com/usher-mail/usher/internal/sieve"
 	"github.com/usher-mail/usher/internal/state"
 )
 
@@ -171,6 +173,22 @@ func (a *app) buildServers(cfg *config.Config) ([]*proxy.Server, error) {
 		{"pop3", cfg.POP3, "-ERR [SYS/TEMP] Too many connections\r\n", func(b proxy.BackendOptions) proxy.Handler {
 			return pop3.New(pop3.Options{Director: a.d, Backend: b, IdleTimeout: cfg.Timeouts.PreLoginIdle.Duration})
 		}},
+		{"lmtp", cfg.LMTP, "421 4.3.2 Too many connections\r\n", func(b proxy.BackendOptions) proxy.Handler {
+			return lmtp.New(lmtp.Options{Director: a.d, Backend: b, MaxMessageSize: cfg.LMTP.MaxMessageSize,
+				RecipientDelimiter: cfg.LMTP.RecipientDelimiter})
+		}},
+		{"managesieve", cfg.ManageSieve, "BYE \"Too many connections\"\r\n", func(b proxy.BackendOptions) proxy.Handler {
+			return sieve.New(sieve.Options{Director: a.d, Backend: b, IdleTimeout: cfg.Timeouts.PreLoginIdle.Duration, MaxLiteral: cfg.MaxLiteral})
+		}},
+	}
+	// UNIX listeners the running servers hold are taken over on a reload.
+	held := map[string]bool{}
+	if a.cfg != nil && a.cfg != cfg {
+		for _, svc := range []config.Service{a.cfg.IMAP, a.cfg.POP3, a.cfg.LMTP, a.cfg.ManageSieve} {
+			for _, l := range svc.Listeners {
+				held[l.Address] = true
+			}
+		}
 	}
 	var servers []*proxy.Server
 	for _, sv := range services {
@@ -189,7 +207,17 @@ func (a *app) buildServers(cfg *config.Config) ([]*proxy.Server, error) {
 				stopAll(servers)
 				return nil, fmt.Errorf("%s listener %s: %w", sv.name, l.Address, err)
 			}
-			lns = append(lns, proxy.ListenerSpec{Address: l.Address, TLS: l.TLS, TLSConfig: tc})
+			spec := proxy.ListenerSpec{Address: l.Address, TLS: l.TLS, TLSConfig: tc, ProxyProtocol: l.ProxyProtocol}
+			if l.IsUnix() {
+				uid, gid, err := l.UnixOwner()
+				if err != nil {
+					stopAll(servers)
+					return nil, err
+				}
+				spec.Mode, spec.Chown, spec.UID, spec.GID = l.UnixMode(), uid >= 0 || gid >= 0, uid, gid
+				spec.Takeover = held[l.Address]
+			}
+			lns = append(lns, spec)
 		}
 		lim := a.limiters[sv.name]
 		if lim == nil {
@@ -198,7 +226,8 @@ func (a *app) buildServers(cfg *config.Config) ([]*proxy.Server, error) {
 		}
 		srv := proxy.NewServer(proxy.ServerOptions{
 			Proto: sv.name, Handler: sv.handler(bo), Listeners: lns, Limiter: lim,
-			Trusted: cfg.TrustedPrefixes(), Refusal: sv.refusal, Observer: a.m, Logger: a.log,
+			Trusted: cfg.TrustedPrefixes(), Allow: sv.svc.AllowPrefixes(), ProxyTrusted: sv.svc.ProxyTrustedPrefixes(),
+			Refusal: sv.refusal, Observer: a.m, Logger: a.log,
 		})
 		if err := srv.Listen(); err != nil {
 			stopAll(servers)
@@ -221,7 +250,7 @@ func backendOptions(cfg *config.Config, svc config.Service) (proxy.BackendOption
 		return proxy.BackendOptions{}, fmt.Errorf("backend tls: %w", err)
 	}
 	return proxy.BackendOptions{
-		Port: svc.BackendPort, TLS: svc.BackendTLS, TLSConfig: btls,
+		Port: svc.BackendPort, TLS: svc.BackendTLS, TLSConfig: btls, SendProxy: svc.BackendProxy,
 		ConnectTimeout: cfg.Timeouts.BackendConnect.Duration, LoginTimeout: cfg.Timeouts.BackendLogin.Duration,
 	}, nil
 }

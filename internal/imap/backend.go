@@ -292,13 +292,19 @@ func (c *client) backendLogin(ctx context.Context, clientTag string, lease *prox
 // parameters.
 func (c *client) idCommand(tag string) []byte {
 	s := c.sess
-	params := []idParam{
-		{key: "x-originating-ip", value: ptr(s.Remote.Addr().Unmap().String())},
-		{key: "x-originating-port", value: ptr(strconv.Itoa(int(s.Remote.Port())))},
-		{key: "x-connected-ip", value: ptr(s.Local.Addr().Unmap().String())},
-		{key: "x-connected-port", value: ptr(strconv.Itoa(int(s.Local.Port())))},
-		{key: "x-session-id", value: ptr(s.ID)},
+	var params []idParam
+	// A client on a UNIX socket has no address to forward.
+	if s.Remote.IsValid() {
+		params = append(params,
+			idParam{key: "x-originating-ip", value: ptr(s.Remote.Addr().Unmap().String())},
+			idParam{key: "x-originating-port", value: ptr(strconv.Itoa(int(s.Remote.Port())))})
 	}
+	if s.Local.IsValid() {
+		params = append(params,
+			idParam{key: "x-connected-ip", value: ptr(s.Local.Addr().Unmap().String())},
+			idParam{key: "x-connected-port", value: ptr(strconv.Itoa(int(s.Local.Port())))})
+	}
+	params = append(params, idParam{key: "x-session-id", value: ptr(s.ID)})
 	params = append(params, c.clientID...)
 	b := []byte(tag + " ID (")
 	for i, p := range params {

@@ -39,6 +39,10 @@ type ListenerSpec struct {
 	// ProxyProtocol expects a PROXY v1/v2 header from a ProxyTrusted peer
 	// before anything else.
 	ProxyProtocol bool
+	// Takeover lets a UNIX listener replace a live socket at its path: on a
+	// reload the new server takes over the path from the server it replaces
+	// (the old listener keeps its open socket until it stops accepting).
+	Takeover bool
 }
 
 // ServerOptions configures a Server for one protocol.
@@ -196,7 +200,11 @@ func (s *Server) Listen() error {
 		s.mu.Lock()
 		s.lns = append(s.lns, ln)
 		s.mu.Unlock()
-		s.log.Info("listening", "address", ln.Addr().String(), "tls", string(l.TLS))
+		addr := l.Address
+		if !strings.HasPrefix(addr, "unix:") {
+			addr = ln.Addr().String() // the port chosen for :0
+		}
+		s.log.Info("listening", "address", addr, "tls", string(l.TLS), "proxy_protocol", l.ProxyProtocol)
 	}
 	return nil
 }
@@ -213,29 +221,43 @@ func listen(l ListenerSpec) (net.Listener, error) {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return nil, fmt.Errorf("%s exists and is not a socket", path)
 		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s: another process is listening", path)
+		if !l.Takeover {
+			if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+				c.Close()
+				return nil, fmt.Errorf("%s: another process is listening", path)
+			}
 		}
-		os.Remove(path)
 	}
-	ln, err := net.Listen("unix", path)
+	// The socket is made under a temporary name and renamed over the path,
+	// so the path always answers, also across a reload.
+	tmp := fmt.Sprintf("%s.%d.new", path, os.Getpid())
+	os.Remove(tmp)
+	ln, err := net.Listen("unix", tmp)
 	if err != nil {
+		return nil, err
+	}
+	// Closing must not unlink the path: by then it may belong to the server
+	// that took over. A stale file is replaced at the next start.
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	fail := func(err error) (net.Listener, error) {
+		ln.Close()
+		os.Remove(tmp)
 		return nil, err
 	}
 	mode := l.Mode
 	if mode == 0 {
 		mode = 0o660
 	}
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		return nil, err
+	if err := os.Chmod(tmp, mode); err != nil {
+		return fail(err)
 	}
 	if l.Chown {
-		if err := os.Lchown(path, l.UID, l.GID); err != nil {
-			ln.Close()
-			return nil, err
+		if err := os.Lchown(tmp, l.UID, l.GID); err != nil {
+			return fail(err)
 		}
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fail(err)
 	}
 	return ln, nil
 }

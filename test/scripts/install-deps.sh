@@ -5,7 +5,7 @@
 # that the test backends can bind their loopback addresses.
 set -euo pipefail
 pkgs=(dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-managesieved dovecot-sieve
-      swaks curl openssl python3 ca-certificates iproute2 procps)
+      swaks sieve-connect curl openssl python3 ca-certificates iproute2 procps)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
