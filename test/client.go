@@ -3,13 +3,17 @@ package test
 import (
 	"bufio"
 	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 )
 
 // Limits of the test clients: a server that sends more is broken.
@@ -59,17 +63,23 @@ func DialIMAPFrom(from, addr string) (*IMAPClient, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial imap %s: %w", addr, err)
 	}
+	return NewIMAPClient(conn)
+}
+
+// NewIMAPClient reads the greeting on an open connection (one that carried
+// a PROXY header first, say) and returns the client; it closes conn on error.
+func NewIMAPClient(conn net.Conn) (*IMAPClient, error) {
 	c := &IMAPClient{conn: conn, br: bufio.NewReader(conn), Timeout: clientTimeout}
 	_ = conn.SetReadDeadline(time.Now().Add(c.Timeout))
 	// RFC 3501 §7.1: the greeting is an untagged OK, PREAUTH or BYE.
 	g, err := readLine(c.br)
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("imap %s greeting: %w", addr, err)
+		return nil, fmt.Errorf("imap %s greeting: %w", conn.RemoteAddr(), err)
 	}
 	if !strings.HasPrefix(g, "* OK") {
 		conn.Close()
-		return nil, fmt.Errorf("imap %s greeting: %q", addr, g)
+		return nil, fmt.Errorf("imap %s greeting: %q", conn.RemoteAddr(), g)
 	}
 	c.Greeting = g
 	return c, nil
@@ -95,10 +105,14 @@ func readLine(br *bufio.Reader) (string, error) {
 
 // readResponseLine reads one response line and inlines any literals
 // (RFC 3501 §4.3: "{n}" at the end of a line is followed by n octets).
-func (c *IMAPClient) readResponseLine() (string, error) {
+func (c *IMAPClient) readResponseLine() (string, error) { return readLiteralLine(c.br) }
+
+// readLiteralLine reads one line with its literals inlined (IMAP and
+// ManageSieve share the "{n}" CRLF octets syntax).
+func readLiteralLine(br *bufio.Reader) (string, error) {
 	var sb strings.Builder
 	for {
-		line, err := readLine(c.br)
+		line, err := readLine(br)
 		if err != nil {
 			return "", err
 		}
@@ -111,7 +125,7 @@ func (c *IMAPClient) readResponseLine() (string, error) {
 			return "", fmt.Errorf("read literal: %d bytes is too big", n)
 		}
 		sb.WriteString("\r\n")
-		if _, err := io.CopyN(&sb, c.br, n); err != nil {
+		if _, err := io.CopyN(&sb, br, n); err != nil {
 			return "", fmt.Errorf("read literal: %w", err)
 		}
 	}
@@ -444,4 +458,311 @@ func LMTPDeliver(addr, from string, rcpts []string, msg []byte) error {
 	}
 	_ = send("QUIT", "221")
 	return nil
+}
+
+// dialAny connects to addr, "host:port" (from local IP from, "" = any) or
+// "unix:/path" (from must be "").
+func dialAny(from, addr string) (net.Conn, error) {
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		if from != "" {
+			return nil, fmt.Errorf("dial %s: a UNIX socket has no local address %q", addr, from)
+		}
+		d := net.Dialer{Timeout: clientTimeout}
+		return d.Dial("unix", path)
+	}
+	return dialFrom(from, addr)
+}
+
+// DialProxied connects to addr from local IP from and sends a PROXY protocol
+// header (version 1 or 2) claiming the connection came from src to dst, as
+// a load balancer does. The caller reads the greeting (NewIMAPClient, say).
+func DialProxied(from, addr string, version byte, src, dst netip.AddrPort) (net.Conn, error) {
+	conn, err := dialFrom(from, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	h := proxyproto.HeaderProxyFromAddrs(version, net.TCPAddrFromAddrPort(src), net.TCPAddrFromAddrPort(dst))
+	_ = conn.SetWriteDeadline(time.Now().Add(clientTimeout))
+	if _, err := h.WriteTo(conn); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("send PROXY v%d header to %s: %w", version, addr, err)
+	}
+	_ = conn.SetWriteDeadline(time.Time{})
+	return conn, nil
+}
+
+// WaitClosedConn waits up to timeout for the peer to close conn and returns
+// the lines it sent before (a greeting, a refusal); it fails if conn is
+// still open after timeout.
+func WaitClosedConn(conn net.Conn, timeout time.Duration) ([]string, error) {
+	return waitClosed(conn, bufio.NewReader(conn), timeout)
+}
+
+// SMTPReply is one SMTP/LMTP reply (RFC 5321 §4.2): the code and the text
+// of each line.
+type SMTPReply struct {
+	Code  int
+	Lines []string
+}
+
+func (r SMTPReply) String() string {
+	if r.Code == 0 {
+		return "(no reply)"
+	}
+	return fmt.Sprintf("%d %s", r.Code, strings.Join(r.Lines, " / "))
+}
+
+// LMTPClient is a minimal LMTP client (RFC 2033) for tests.
+type LMTPClient struct {
+	conn     net.Conn
+	br       *bufio.Reader
+	Greeting SMTPReply
+	Timeout  time.Duration // per reply; default 10s
+}
+
+// LMTPResult is what the server answered to one transaction.
+type LMTPResult struct {
+	MAIL SMTPReply
+	RCPT []SMTPReply // one per recipient, in order
+	DATA SMTPReply   // the answer to the DATA command (354 to go on)
+	// Final is the reply after the message for each recipient (RFC 2033
+	// §4.2: one per accepted recipient, in RCPT order); zero for a
+	// recipient refused at RCPT or when the transaction did not get that far.
+	Final []SMTPReply
+}
+
+// DialLMTP connects to addr ("host:port" or "unix:/path") and reads the 220
+// greeting.
+func DialLMTP(addr string) (*LMTPClient, error) { return DialLMTPFrom("", addr) }
+
+// DialLMTPFrom is DialLMTP from local IP from.
+func DialLMTPFrom(from, addr string) (*LMTPClient, error) {
+	conn, err := dialAny(from, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial lmtp %s: %w", addr, err)
+	}
+	c := &LMTPClient{conn: conn, br: bufio.NewReader(conn), Timeout: clientTimeout}
+	g, err := c.Reply()
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("lmtp %s greeting: %w", addr, err)
+	}
+	if g.Code != 220 {
+		conn.Close()
+		return nil, fmt.Errorf("lmtp %s greeting: %s", addr, g)
+	}
+	c.Greeting = g
+	return c, nil
+}
+
+// Reply reads one possibly multi-line reply ("250-…" continues, "250 …" ends).
+func (c *LMTPClient) Reply() (SMTPReply, error) {
+	_ = c.conn.SetReadDeadline(time.Now().Add(c.Timeout))
+	var r SMTPReply
+	for n := 0; ; n++ {
+		line, err := readLine(c.br)
+		if err != nil {
+			return r, fmt.Errorf("lmtp read reply: %w", err)
+		}
+		code, err := strconv.Atoi(line[:min(3, len(line))])
+		if err != nil || len(line) < 3 || (len(line) > 3 && line[3] != ' ' && line[3] != '-') || n >= 200 {
+			return r, fmt.Errorf("lmtp read reply: malformed line %q", line)
+		}
+		r.Code = code
+		r.Lines = append(r.Lines, strings.TrimSpace(line[min(4, len(line)):]))
+		if len(line) == 3 || line[3] == ' ' {
+			return r, nil
+		}
+	}
+}
+
+// Cmd sends one command line and reads its reply.
+func (c *LMTPClient) Cmd(format string, args ...any) (SMTPReply, error) {
+	line := fmt.Sprintf(format, args...)
+	_ = c.conn.SetWriteDeadline(time.Now().Add(c.Timeout))
+	if _, err := fmt.Fprintf(c.conn, "%s\r\n", line); err != nil {
+		return SMTPReply{}, fmt.Errorf("lmtp send %s: %w", verb(line), err)
+	}
+	r, err := c.Reply()
+	if err != nil {
+		return r, fmt.Errorf("lmtp %s: %w", verb(line), err)
+	}
+	return r, nil
+}
+
+// Send runs LHLO (when lhlo is not ""), MAIL, one RCPT per recipient and,
+// if any was accepted, DATA with msg (dot-stuffed, CRLF line ends) and reads
+// one reply per accepted recipient. A refusal is a reply in the result, not
+// an error; err means the conversation broke.
+func (c *LMTPClient) Send(lhlo, from string, rcpts []string, msg []byte) (*LMTPResult, error) {
+	res := &LMTPResult{RCPT: make([]SMTPReply, len(rcpts)), Final: make([]SMTPReply, len(rcpts))}
+	if lhlo != "" {
+		r, err := c.Cmd("LHLO %s", lhlo)
+		if err != nil {
+			return res, err
+		}
+		if r.Code != 250 {
+			return res, fmt.Errorf("lmtp LHLO: %s", r)
+		}
+	}
+	var err error
+	if res.MAIL, err = c.Cmd("MAIL FROM:<%s>", from); err != nil || res.MAIL.Code != 250 {
+		return res, err
+	}
+	var accepted []int
+	for i, rc := range rcpts {
+		if res.RCPT[i], err = c.Cmd("RCPT TO:<%s>", rc); err != nil {
+			return res, err
+		}
+		if res.RCPT[i].Code/100 == 2 {
+			accepted = append(accepted, i)
+		}
+	}
+	if len(accepted) == 0 {
+		_, err := c.Cmd("RSET")
+		return res, err
+	}
+	if res.DATA, err = c.Cmd("DATA"); err != nil || res.DATA.Code != 354 {
+		return res, err
+	}
+	var body strings.Builder
+	for _, line := range strings.SplitAfter(strings.ReplaceAll(string(msg), "\r\n", "\n"), "\n") {
+		if line == "" {
+			continue
+		}
+		if strings.HasPrefix(line, ".") { // RFC 5321 §4.5.2 dot-stuffing
+			body.WriteByte('.')
+		}
+		body.WriteString(strings.TrimSuffix(line, "\n") + "\r\n")
+	}
+	body.WriteString(".\r\n")
+	_ = c.conn.SetWriteDeadline(time.Now().Add(c.Timeout))
+	if _, err := io.WriteString(c.conn, body.String()); err != nil {
+		return res, fmt.Errorf("lmtp send data: %w", err)
+	}
+	for _, i := range accepted {
+		if res.Final[i], err = c.Reply(); err != nil {
+			return res, fmt.Errorf("lmtp reply after data for %s: %w", rcpts[i], err)
+		}
+	}
+	return res, nil
+}
+
+// Close sends QUIT (best effort) and closes the connection.
+func (c *LMTPClient) Close() error {
+	c.Timeout = 2 * time.Second
+	_, _ = c.Cmd("QUIT")
+	return c.conn.Close()
+}
+
+// LMTPTransaction connects to addr ("host:port" or "unix:/path"), runs one
+// transaction (Send with LHLO) and quits.
+func LMTPTransaction(addr, from string, rcpts []string, msg []byte) (*LMTPResult, error) {
+	c, err := DialLMTP(addr)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.Send("e2e.example", from, rcpts, msg)
+}
+
+// SieveClient is a minimal ManageSieve client (RFC 5804) for tests.
+type SieveClient struct {
+	conn         net.Conn
+	br           *bufio.Reader
+	Capabilities []string // the capability lines of the greeting (§1.7)
+	Timeout      time.Duration
+}
+
+// SieveResponse is the answer to one ManageSieve command (RFC 5804 §1.2).
+type SieveResponse struct {
+	Lines  []string // response lines before the final one, literals inlined
+	Status string   // "OK", "NO" or "BYE"
+	Text   string   // the rest of the final line (response code, string)
+}
+
+// DialSieve connects to addr and reads the capabilities up to the OK.
+func DialSieve(addr string) (*SieveClient, error) { return DialSieveFrom("", addr) }
+
+// DialSieveFrom is DialSieve from local IP from.
+func DialSieveFrom(from, addr string) (*SieveClient, error) {
+	conn, err := dialAny(from, addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial managesieve %s: %w", addr, err)
+	}
+	c := &SieveClient{conn: conn, br: bufio.NewReader(conn), Timeout: clientTimeout}
+	r, err := c.response("greeting")
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if r.Status != "OK" {
+		conn.Close()
+		return nil, fmt.Errorf("managesieve %s greeting: %s %s", addr, r.Status, r.Text)
+	}
+	c.Capabilities = r.Lines
+	return c, nil
+}
+
+// response reads lines up to the final OK/NO/BYE (§1.2), inlining literals.
+func (c *SieveClient) response(what string) (*SieveResponse, error) {
+	_ = c.conn.SetReadDeadline(time.Now().Add(c.Timeout))
+	r := &SieveResponse{}
+	for {
+		line, err := readLiteralLine(c.br)
+		if err != nil {
+			return r, fmt.Errorf("managesieve %s: %w", what, err)
+		}
+		word, rest, _ := strings.Cut(line, " ")
+		if w, code, ok := strings.Cut(word, "("); ok { // "NO(QUOTA)" has no space
+			word, rest = w, "("+code+" "+rest
+		}
+		switch strings.ToUpper(word) {
+		case "OK", "NO", "BYE":
+			r.Status, r.Text = strings.ToUpper(word), rest
+			return r, nil
+		}
+		if len(r.Lines) >= 1000 {
+			return r, fmt.Errorf("managesieve %s: more than 1000 response lines", what)
+		}
+		r.Lines = append(r.Lines, line)
+	}
+}
+
+// Cmd sends one command line and reads the response; NO and BYE are
+// responses, not errors.
+func (c *SieveClient) Cmd(format string, args ...any) (*SieveResponse, error) {
+	line := fmt.Sprintf(format, args...)
+	_ = c.conn.SetWriteDeadline(time.Now().Add(c.Timeout))
+	if _, err := fmt.Fprintf(c.conn, "%s\r\n", line); err != nil {
+		return nil, fmt.Errorf("managesieve send %s: %w", verb(line), err)
+	}
+	return c.response(verb(line))
+}
+
+// Authenticate logs in with SASL PLAIN and the initial response as a
+// string argument (RFC 5804 §2.1, RFC 4616).
+func (c *SieveClient) Authenticate(user, pass string) error {
+	ir := base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + pass))
+	r, err := c.Cmd(`AUTHENTICATE "PLAIN" "%s"`, ir)
+	if err != nil {
+		return err
+	}
+	if r.Status != "OK" {
+		return fmt.Errorf("managesieve authenticate %s: %s %s", user, r.Status, r.Text)
+	}
+	return nil
+}
+
+// PutScript uploads script under name with a non-synchronizing literal
+// (RFC 5804 §2.6, §4 "literal-c2s").
+func (c *SieveClient) PutScript(name, script string) (*SieveResponse, error) {
+	return c.Cmd("PUTSCRIPT %s {%d+}\r\n%s", Quote(name), len(script), script)
+}
+
+// Close sends LOGOUT (best effort) and closes the connection.
+func (c *SieveClient) Close() error {
+	c.Timeout = 2 * time.Second
+	_, _ = c.Cmd("LOGOUT")
+	return c.conn.Close()
 }

@@ -64,6 +64,12 @@ type BackendOptions struct {
 	// LockWait is how long StartBackends waits for another process's
 	// backends (another test run, `make demo`) to go away (default 2m).
 	LockWait time.Duration
+	// HAProxyIMAPPort and HAProxyLMTPPort, when not 0, give every backend
+	// a second IMAP or LMTP listener on that port with haproxy = yes:
+	// Dovecot then demands a PROXY protocol v1/v2 header from
+	// haproxy_trusted_networks (127.0.0.0/8) and takes the client's
+	// address from it.
+	HAProxyIMAPPort, HAProxyLMTPPort int
 }
 
 // Backends is a set of running Dovecot instances sharing one Maildir root.
@@ -340,6 +346,9 @@ login_trusted_networks = 127.0.0.0/8
 auth_failure_delay = 0
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+{{- if or .HAProxyPort .HAProxyLMTPPort}}
+haproxy_trusted_networks = 127.0.0.0/8
+{{- end}}
 
 ssl = yes
 ssl_cert = <{{.Cert}}
@@ -365,6 +374,12 @@ service imap-login {
   inet_listener imap {
     port = 143
   }
+{{- if .HAProxyPort}}
+  inet_listener imap_haproxy {
+    port = {{.HAProxyPort}}
+    haproxy = yes
+  }
+{{- end}}
   inet_listener imaps {
     port = 993
     ssl = yes
@@ -383,6 +398,12 @@ service lmtp {
   inet_listener lmtp {
     port = 24
   }
+{{- if .HAProxyLMTPPort}}
+  inet_listener lmtp_haproxy {
+    port = {{.HAProxyLMTPPort}}
+    haproxy = yes
+  }
+{{- end}}
 }
 service managesieve-login {
   inet_listener sieve {
@@ -411,7 +432,8 @@ func (b *Backends) writeConfig(be *backend) error {
 		"Index": be.index + 1, "Dir": be.dir, "Addr": be.addr, "Log": be.logPath,
 		"Debug": debug, "Cert": b.certs.CertFile, "Key": b.certs.KeyFile,
 		"UID": b.uid, "GID": b.gid, "Mail": b.mailRoot, "Home": b.homeRoot,
-		"Users": filepath.Join(b.dir, "users"),
+		"Users": filepath.Join(b.dir, "users"), "HAProxyPort": b.opts.HAProxyIMAPPort,
+		"HAProxyLMTPPort": b.opts.HAProxyLMTPPort,
 	})
 	if err != nil {
 		return fmt.Errorf("write config of backend %d: %w", be.index, err)
@@ -442,6 +464,11 @@ func (b *Backends) Start(i int) error {
 		return fmt.Errorf("start backend %d (%s): already running", i, be.addr)
 	}
 	ports := []int{PortIMAP, PortPOP3, PortLMTP, PortManageSieve, PortIMAPS, PortPOP3S}
+	for _, p := range []int{b.opts.HAProxyIMAPPort, b.opts.HAProxyLMTPPort} {
+		if p != 0 {
+			ports = append(ports, p)
+		}
+	}
 	for _, p := range ports {
 		if err := portFree(be.addr, p); err != nil {
 			return fmt.Errorf("start backend %d: %w (is a system dovecot or `make demo` running? see `ss -ltnp`)", i, err)

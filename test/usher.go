@@ -128,6 +128,81 @@ type UsherConfig struct {
 	AdminAllow  []string
 	// Tables is TOML appended at the very end, e.g. "[health]\ninterval = \"500ms\"".
 	Tables string
+	// Services are further service sections ([lmtp], [managesieve], or
+	// [imap]/[pop3] when IMAPAddr/POP3Addr is empty: TOML allows a table
+	// only once), written after [imap] and [pop3].
+	Services []UsherService
+}
+
+// UsherService is one service section ([lmtp], [managesieve], [imap],
+// [pop3]) with its listeners. Zero fields are left out (usher's defaults).
+type UsherService struct {
+	Name      string // "lmtp", "managesieve", "imap", "pop3"
+	Listeners []UsherListener
+	// Allow and ProxyTrusted are allow and proxy_trusted; nil is left out
+	// (an empty, non-nil slice is written as []).
+	Allow, ProxyTrusted []string
+	BackendProxy        string // backend_proxy: "v1" or "v2"
+	BackendPort         int    // backend_port
+	RecipientDelimiter  string // LMTP recipient_delimiter
+	MaxMessageSize      int64  // LMTP max_message_size
+	// Extra is TOML appended to the section before its listeners.
+	Extra string
+}
+
+// UsherListener is one [[SERVICE.listener]] table.
+type UsherListener struct {
+	Address            string // host:port or unix:/path
+	TLS, Cert, Key     string
+	Mode, Owner, Group string // UNIX socket mode ("0660"), owner and group
+	ProxyProtocol      bool
+}
+
+// tomlList renders a TOML array of strings.
+func tomlList(list []string) string {
+	quoted := make([]string, len(list))
+	for i, a := range list {
+		quoted[i] = strconv.Quote(a)
+	}
+	return "[" + strings.Join(quoted, ", ") + "]"
+}
+
+// write renders the section into sb.
+func (s UsherService) write(sb *strings.Builder) {
+	q := strconv.Quote
+	fmt.Fprintf(sb, "\n[%s]\n", s.Name)
+	if s.Allow != nil {
+		fmt.Fprintf(sb, "allow = %s\n", tomlList(s.Allow))
+	}
+	if s.ProxyTrusted != nil {
+		fmt.Fprintf(sb, "proxy_trusted = %s\n", tomlList(s.ProxyTrusted))
+	}
+	if s.BackendProxy != "" {
+		fmt.Fprintf(sb, "backend_proxy = %s\n", q(s.BackendProxy))
+	}
+	if s.BackendPort != 0 {
+		fmt.Fprintf(sb, "backend_port = %d\n", s.BackendPort)
+	}
+	if s.RecipientDelimiter != "" {
+		fmt.Fprintf(sb, "recipient_delimiter = %s\n", q(s.RecipientDelimiter))
+	}
+	if s.MaxMessageSize != 0 {
+		fmt.Fprintf(sb, "max_message_size = %d\n", s.MaxMessageSize)
+	}
+	if s.Extra != "" {
+		sb.WriteString(strings.TrimSpace(s.Extra) + "\n")
+	}
+	for _, l := range s.Listeners {
+		fmt.Fprintf(sb, "\n[[%s.listener]]\naddress = %s\n", s.Name, q(l.Address))
+		for _, kv := range [][2]string{{"tls", l.TLS}, {"cert", l.Cert}, {"key", l.Key}, {"mode", l.Mode}, {"owner", l.Owner}, {"group", l.Group}} {
+			if kv[1] != "" {
+				fmt.Fprintf(sb, "%s = %s\n", kv[0], q(kv[1]))
+			}
+		}
+		if l.ProxyProtocol {
+			sb.WriteString("proxy_protocol = true\n")
+		}
+	}
 }
 
 // UsherBackend is one [[backend]] table. Weight 0 is left out (usher's
@@ -199,6 +274,9 @@ func (c UsherConfig) TOML() string {
 	}
 	service("imap", append([]string{c.IMAPAddr}, c.ExtraIMAPAddrs...)...)
 	service("pop3", c.POP3Addr)
+	for _, s := range c.Services {
+		s.write(&sb)
+	}
 	for _, b := range c.Backends {
 		fmt.Fprintf(&sb, "\n[[backend]]\naddress = %s\nweight = 100\n", q(b))
 	}
@@ -233,6 +311,9 @@ type Usher struct {
 	bin, dir, confPath, logPath, socket string
 	ownDir                              bool
 	imapAddrs, pop3Addrs                []string
+	// listeners are the listener addresses per service ("imap", "pop3",
+	// "lmtp", "managesieve"), "host:port" or "unix:/path".
+	listeners map[string][]string
 
 	mu       sync.Mutex
 	cmd      *exec.Cmd
@@ -245,16 +326,24 @@ type usherConfigView struct {
 	Admin struct {
 		Socket string `toml:"socket"`
 	} `toml:"admin"`
-	IMAP struct {
-		Listeners []struct {
-			Address string `toml:"address"`
-		} `toml:"listener"`
-	} `toml:"imap"`
-	POP3 struct {
-		Listeners []struct {
-			Address string `toml:"address"`
-		} `toml:"listener"`
-	} `toml:"pop3"`
+	IMAP        usherServiceView `toml:"imap"`
+	POP3        usherServiceView `toml:"pop3"`
+	LMTP        usherServiceView `toml:"lmtp"`
+	ManageSieve usherServiceView `toml:"managesieve"`
+}
+
+type usherServiceView struct {
+	Listeners []struct {
+		Address string `toml:"address"`
+	} `toml:"listener"`
+}
+
+func (v usherServiceView) addrs() []string {
+	var out []string
+	for _, l := range v.Listeners {
+		out = append(out, l.Address)
+	}
+	return out
 }
 
 // StartUsher runs usher with configTOML for a test, fails the test on error,
@@ -299,11 +388,10 @@ func LaunchUsher(opts UsherOptions) (_ *Usher, err error) {
 		return nil, fmt.Errorf("launch usher: parse config: %w", err)
 	}
 	u := &Usher{bin: opts.Bin, dir: opts.Dir, socket: view.Admin.Socket}
-	for _, l := range view.IMAP.Listeners {
-		u.imapAddrs = append(u.imapAddrs, l.Address)
-	}
-	for _, l := range view.POP3.Listeners {
-		u.pop3Addrs = append(u.pop3Addrs, l.Address)
+	u.imapAddrs, u.pop3Addrs = view.IMAP.addrs(), view.POP3.addrs()
+	u.listeners = map[string][]string{
+		"imap": u.imapAddrs, "pop3": u.pop3Addrs,
+		"lmtp": view.LMTP.addrs(), "managesieve": view.ManageSieve.addrs(),
 	}
 	if u.dir == "" {
 		if u.dir, err = os.MkdirTemp("", "usher-run-"); err != nil {
@@ -376,9 +464,15 @@ func (u *Usher) Start(timeout time.Duration) error {
 			}
 		}
 	}
-	for _, a := range append(append([]string{}, u.imapAddrs...), u.pop3Addrs...) {
-		if err := check("tcp", a); err != nil {
-			return err
+	for _, svc := range []string{"imap", "pop3", "lmtp", "managesieve"} {
+		for _, a := range u.listeners[svc] {
+			network, addr := "tcp", a
+			if p, ok := strings.CutPrefix(a, "unix:"); ok {
+				network, addr = "unix", p
+			}
+			if err := check(network, addr); err != nil {
+				return err
+			}
 		}
 	}
 	return check("unix", u.socket)
@@ -554,6 +648,12 @@ func (u *Usher) IMAPAddr() string { return first(u.imapAddrs) }
 
 // POP3Addr is the first POP3 listener's host:port ("" if none).
 func (u *Usher) POP3Addr() string { return first(u.pop3Addrs) }
+
+// Listeners are the configured listener addresses of service ("imap",
+// "pop3", "lmtp", "managesieve"), "host:port" or "unix:/path", in order.
+func (u *Usher) Listeners(service string) []string {
+	return append([]string(nil), u.listeners[service]...)
+}
 
 func first(s []string) string {
 	if len(s) == 0 {

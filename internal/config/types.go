@@ -141,9 +141,10 @@ type Service struct {
 	// when a listener has proxy_protocol = true. See ProxyTrustedPrefixes.
 	ProxyTrusted []string `toml:"proxy_trusted"`
 	// BackendProxy sends a PROXY protocol header ("v1" or "v2", exactly) to the
-	// backend before its greeting, carrying the client's address; "" (default)
-	// sends none and forwards the address in the protocol instead (IMAP ID,
-	// POP3/LMTP XCLIENT).
+	// backend before its greeting, carrying the client's address (health
+	// probes send a LOCAL header); "" (default) sends none. The address is
+	// also forwarded in the protocol where the backend accepts it (IMAP ID,
+	// POP3/LMTP/ManageSieve XCLIENT).
 	BackendProxy string `toml:"backend_proxy"`
 
 	// LMTP only: RecipientDelimiter (e.g. "+") is stripped with what follows

@@ -32,7 +32,8 @@ func (o *BackendOptions) Addr(ip netip.Addr) string {
 }
 
 // Dial connects to the backend at ip; with implicit TLS it also completes the
-// handshake. The connection is always TCP, whatever listener the client came
+// handshake. With SendProxy it sends a LOCAL PROXY header (no client: health
+// probes), so that backends which require the header still answer. The connection is always TCP, whatever listener the client came
 // in on.
 func (o *BackendOptions) Dial(ctx context.Context, ip netip.Addr) (net.Conn, error) {
 	return o.dial(ctx, ip, nil)
@@ -61,7 +62,10 @@ func (o *BackendOptions) dial(ctx context.Context, ip netip.Addr, s *Session) (n
 	if err != nil {
 		return nil, fmt.Errorf("dial backend %s: %w", addr, err)
 	}
-	if o.SendProxy != "" && s != nil {
+	if o.SendProxy != "" {
+		if s == nil {
+			s = &Session{} // a health probe: a LOCAL header, no client
+		}
 		if err := writeProxyHeader(ctx, c, o.SendProxy, s); err != nil {
 			c.Close()
 			return nil, fmt.Errorf("send PROXY header to backend %s: %w", addr, err)

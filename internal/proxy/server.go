@@ -477,7 +477,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 		c.Close()
 	}()
 	s.o.Observer.SessionOpened(s.o.Proto)
-	log.Info("session start", "local", local.String(), "tls", string(sess.TLSMode))
+	log.Info("session start", "local", remoteString(local, spec.Address), "tls", string(sess.TLSMode))
 
 	reason := ""
 	defer func() {

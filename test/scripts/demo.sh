@@ -11,7 +11,9 @@
 #
 # Environment: DEMO_DIR (default /tmp/usher-demo; it must be traversable by
 # the mail user, so not under /root), DEMO_IMAP (127.0.0.1:10143),
-# DEMO_POP3 (127.0.0.1:10110), DEMO_BACKENDS (3), DEMO_USERS (50).
+# DEMO_POP3 (127.0.0.1:10110), DEMO_LMTP (127.0.0.1:10024; LMTP also
+# listens on the UNIX socket $DEMO_DIR/run/lmtp.sock), DEMO_SIEVE
+# (ManageSieve, 127.0.0.1:14190), DEMO_BACKENDS (3), DEMO_USERS (50).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -67,6 +69,8 @@ start() {
 
 	setsid "$DEMO_DIR/demo" -dir "$RUN" -usher "$DEMO_DIR/usher" \
 		-imap "${DEMO_IMAP:-127.0.0.1:10143}" -pop3 "${DEMO_POP3:-127.0.0.1:10110}" \
+		-lmtp "${DEMO_LMTP:-127.0.0.1:10024}" -lmtp-socket "$RUN/lmtp.sock" \
+		-sieve "${DEMO_SIEVE:-127.0.0.1:14190}" \
 		-backends "${DEMO_BACKENDS:-3}" -users "${DEMO_USERS:-50}" \
 		</dev/null >"$DEMO_DIR/demo.log" 2>&1 &
 	echo $! >"$PIDFILE"
