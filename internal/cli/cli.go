@@ -43,8 +43,10 @@ commands:
   dump                                 print the commands that rebuild the
                                        backend set
   version                              print the version
+  bench WORKLOAD [flags]               load generator: login, idle, fetch, lmtp
+                                       against any IMAP/POP3/LMTP server (--help)
 
-Client commands (all but serve and version) talk to the admin API:
+Client commands (all but serve, bench and version) talk to the admin API:
   --socket PATH   the admin socket; default $USHER_SOCKET, else the [admin]
                   socket of --config FILE (default /etc/usher/usher.toml)
   --address URL   the TCP API instead: http://HOST:PORT, token from
@@ -82,6 +84,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = flush(args[1:], stdout)
 	case "dump":
 		err = dump(args[1:], stdout)
+	case "bench":
+		err = benchCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "usher", Version)
 	case "help", "-h", "--help":
