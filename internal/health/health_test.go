@@ -10,12 +10,14 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 func TestHealthyBackendStaysUp(t *testing.T) {
 	srv := newFake(t, nil, func(c net.Conn, _ int) { fakeIMAP{}.serve(c) })
 	h := start(t, fastOptions(imapService(srv.port)), localhost)
-	waitFor(t, 3*time.Second, "5 probes", func() bool { return srv.conns.Load() >= 5 })
+	testutil.WaitFor(t, 3*time.Second, "5 probes", func() bool { return srv.conns.Load() >= 5 })
 	st, ok := h.c.Status(localhost)
 	if !ok {
 		t.Fatal("Status: backend unknown")
@@ -59,7 +61,7 @@ func TestFallAndRise(t *testing.T) {
 			o := fastOptions(imapService(srv.port))
 			o.Timeout = 100 * time.Millisecond
 			h := start(t, o, localhost)
-			waitFor(t, 5*time.Second, "down report", func() bool { return len(h.rec.reports()) >= 1 })
+			testutil.WaitFor(t, 5*time.Second, "down report", func() bool { return len(h.rec.reports()) >= 1 })
 			ev := h.rec.snapshot()
 			i := slices.IndexFunc(ev, func(e recEvent) bool { return e.report })
 			if ev[i].up {
@@ -79,7 +81,7 @@ func TestFallAndRise(t *testing.T) {
 			}
 
 			good.Store(true)
-			waitFor(t, 5*time.Second, "up report", func() bool { return len(h.rec.reports()) >= 2 })
+			testutil.WaitFor(t, 5*time.Second, "up report", func() bool { return len(h.rec.reports()) >= 2 })
 			ev = h.rec.snapshot()
 			j := i + 1 + slices.IndexFunc(ev[i+1:], func(e recEvent) bool { return e.report })
 			if !ev[j].up {
@@ -110,7 +112,7 @@ func TestRoundProbesEveryService(t *testing.T) {
 	o := fastOptions(imapService(imapSrv.port), pop3Service(pop3Srv.port))
 	o.Fall = 1
 	h := start(t, o, localhost)
-	waitFor(t, 3*time.Second, "down report", func() bool { return len(h.rec.reports()) >= 1 })
+	testutil.WaitFor(t, 3*time.Second, "down report", func() bool { return len(h.rec.reports()) >= 1 })
 	r := h.rec.reports()[0]
 	if r.up || r.cause != `pop3: unexpected answer: greeting "-ERR broken" (1 failures)` {
 		t.Fatalf("report %+v", r)
@@ -139,7 +141,7 @@ func TestLoginProbe(t *testing.T) {
 		o := fastOptions(imapService(srv.port))
 		o.LoginUser, o.LoginPassword = user, pass
 		h := start(t, o, localhost)
-		waitFor(t, 3*time.Second, "4 rounds", func() bool { st, _ := h.c.Status(localhost); return st.Successes >= 4 })
+		testutil.WaitFor(t, 3*time.Second, "4 rounds", func() bool { st, _ := h.c.Status(localhost); return st.Successes >= 4 })
 		if r := h.rec.reports(); len(r) != 0 {
 			t.Fatalf("reports: %+v", r)
 		}
@@ -150,7 +152,7 @@ func TestLoginProbe(t *testing.T) {
 		o := fastOptions(imapService(srv.port))
 		o.LoginUser, o.LoginPassword = user, wrong
 		h := start(t, o, localhost)
-		waitFor(t, 3*time.Second, "down report", func() bool { return len(h.rec.reports()) >= 1 })
+		testutil.WaitFor(t, 3*time.Second, "down report", func() bool { return len(h.rec.reports()) >= 1 })
 		h.stop()
 		r := h.rec.reports()[0]
 		if r.up || !strings.HasPrefix(r.cause, "imap: unexpected answer: login refused: ") {
@@ -175,7 +177,7 @@ func TestOneProbeInFlight(t *testing.T) {
 		fakeIMAP{}.serve(c)
 	})
 	h := start(t, fastOptions(imapService(srv.port)), localhost)
-	waitFor(t, 5*time.Second, "6 probes", func() bool { return srv.conns.Load() >= 6 })
+	testutil.WaitFor(t, 5*time.Second, "6 probes", func() bool { return srv.conns.Load() >= 6 })
 	h.stop()
 	if m := srv.maxActive.Load(); m != 1 {
 		t.Fatalf("%d probe connections at once, want 1", m)
@@ -199,7 +201,7 @@ func TestFlappingHeldDown(t *testing.T) {
 	o.Fall, o.Rise = 1, 1
 	o.FlapWindow, o.FlapMax, o.HoldDown = 10*time.Second, 2, 300*time.Millisecond
 	h := start(t, o, localhost)
-	waitFor(t, 5*time.Second, "4 reports", func() bool { return len(h.rec.reports()) >= 4 })
+	testutil.WaitFor(t, 5*time.Second, "4 reports", func() bool { return len(h.rec.reports()) >= 4 })
 	r := h.rec.reports()
 	// Rounds: ok, bad → down, ok → up, bad → down and held (third change
 	// within the window, FlapMax 2), then up only after the hold-down.
@@ -324,7 +326,7 @@ func TestSetBackends(t *testing.T) {
 	if got := h.c.Statuses(); len(got) != 2 || !got[localhost].Healthy || !got[other].Healthy || !got[other].Checked.IsZero() {
 		t.Fatalf("statuses right after SetBackends: %+v", got)
 	}
-	waitFor(t, time.Second, "first rounds", func() bool {
+	testutil.WaitFor(t, time.Second, "first rounds", func() bool {
 		a, _ := h.c.Status(localhost)
 		b, _ := h.c.Status(other)
 		return !a.Checked.IsZero() && !b.Checked.IsZero()
@@ -363,7 +365,7 @@ func TestSetBackends(t *testing.T) {
 	if st, ok := h.c.Status(other); !ok || !st.Checked.IsZero() {
 		t.Fatalf("re-added backend: %+v, %v", st, ok)
 	}
-	waitFor(t, time.Second, "re-added backend probed", func() bool { return observed(other) > before })
+	testutil.WaitFor(t, time.Second, "re-added backend probed", func() bool { return observed(other) > before })
 }
 
 // TestRunStops: Run returns promptly after cancel, even with a probe
@@ -388,7 +390,7 @@ func TestRunStops(t *testing.T) {
 	done := make(chan struct{}, 2)
 	go func() { c.Run(ctx); done <- struct{}{} }()
 	go func() { slow.Run(ctx); done <- struct{}{} }()
-	waitFor(t, 3*time.Second, "probes under way", func() bool {
+	testutil.WaitFor(t, 3*time.Second, "probes under way", func() bool {
 		st, _ := c.Status(localhost)
 		return st.Successes >= 2 && silent.active.Load() == 1
 	})
@@ -407,16 +409,16 @@ func TestRunStops(t *testing.T) {
 	if d := time.Since(stopped); d > time.Second {
 		t.Errorf("Run took %v to return", d)
 	}
-	waitFor(t, 2*time.Second, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+	testutil.WaitFor(t, 2*time.Second, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 
 	// Run again after it returned: probing resumes.
 	n := healthy.conns.Load()
 	ctx2, cancel2 := context.WithCancel(context.Background())
 	go func() { c.Run(ctx2); done <- struct{}{} }()
-	waitFor(t, 2*time.Second, "probes after a second Run", func() bool { return healthy.conns.Load() > n+1 })
+	testutil.WaitFor(t, 2*time.Second, "probes after a second Run", func() bool { return healthy.conns.Load() > n+1 })
 	cancel2()
 	<-done
-	waitFor(t, 2*time.Second, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+	testutil.WaitFor(t, 2*time.Second, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }
 
 func TestNewDefaultsAndPanics(t *testing.T) {

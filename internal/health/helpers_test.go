@@ -2,16 +2,8 @@ package health
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"log/slog"
-	"math/big"
 	"net"
 	"net/netip"
 	"strings"
@@ -22,6 +14,7 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 var localhost = netip.MustParseAddr("127.0.0.1")
@@ -281,29 +274,11 @@ func (r *recorder) reports() []recEvent {
 	return out
 }
 
-// syncBuffer is a bytes.Buffer safe for a logger and a test reading it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // harness runs a Checker for one test.
 type harness struct {
 	c    *Checker
 	rec  *recorder
-	logs *syncBuffer
+	logs *testutil.LogBuffer
 	stop func() // cancels Run and waits for it
 }
 
@@ -312,7 +287,7 @@ type harness struct {
 // that no lock is held.
 func start(t *testing.T, o Options, addrs ...netip.Addr) *harness {
 	t.Helper()
-	h := &harness{rec: &recorder{}, logs: &syncBuffer{}}
+	h := &harness{rec: &recorder{}, logs: &testutil.LogBuffer{}}
 	o.Observe = h.rec.observe
 	o.Report = func(addr netip.Addr, up bool, cause string) {
 		e := recEvent{report: true, addr: addr, up: up, cause: cause, at: time.Now()}
@@ -321,7 +296,7 @@ func start(t *testing.T, o Options, addrs ...netip.Addr) *harness {
 		}
 		h.rec.add(e)
 	}
-	o.Logger = slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	o.Logger = testutil.NewLogger(h.logs)
 	h.c = New(o)
 	h.c.SetBackends(addrs)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -345,18 +320,6 @@ func start(t *testing.T, o Options, addrs ...netip.Addr) *harness {
 	return h
 }
 
-// waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func imapService(port int) Service {
 	return Service{Proto: ProtoIMAP, Backend: proxy.BackendOptions{Port: port, TLS: config.TLSNone}}
 }
@@ -368,37 +331,4 @@ func pop3Service(port int) Service {
 // fastOptions is a quick schedule for tests.
 func fastOptions(services ...Service) Options {
 	return Options{Services: services, Interval: 20 * time.Millisecond, Timeout: 200 * time.Millisecond, Fall: 3, Rise: 2}
-}
-
-// testCert returns a server config with a self-signed certificate for
-// 127.0.0.1 and a client config trusting it.
-func testCert(t *testing.T) (server, client *tls.Config) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "usher health test"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	server = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
-	return server, &tls.Config{RootCAs: pool}
 }

@@ -66,7 +66,7 @@ func (c *Checker) probe(ctx context.Context, s *Service, addr netip.Addr) error 
 	}
 	defer conn.Close()
 	// Stopping (ctx ends) interrupts any read or write at once.
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(wire.PastDeadline()) })
 	defer stop()
 	if err := conn.SetDeadline(deadline); err != nil {
 		return fmt.Errorf("set deadline: %w", err)
@@ -121,7 +121,7 @@ type clampConn struct {
 func (c clampConn) SetReadDeadline(t time.Time) error {
 	switch {
 	case c.ctx.Err() != nil:
-		t = time.Unix(1, 0)
+		t = wire.PastDeadline()
 	case t.IsZero() || t.After(c.limit):
 		t = c.limit
 	}
@@ -360,19 +360,7 @@ func quotable(s string) bool {
 }
 
 // quoteIMAP renders s as a quoted string, escaping DQUOTE and backslash.
-func quoteIMAP(s string) string {
-	var b strings.Builder
-	b.Grow(len(s) + 2)
-	b.WriteByte('"')
-	for i := 0; i < len(s); i++ {
-		if s[i] == '"' || s[i] == '\\' {
-			b.WriteByte('\\')
-		}
-		b.WriteByte(s[i])
-	}
-	b.WriteByte('"')
-	return b.String()
-}
+func quoteIMAP(s string) string { return string(wire.AppendQuoted(nil, s)) }
 
 // --- POP3 (RFC 1939, STLS from RFC 2595) ---
 

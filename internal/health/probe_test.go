@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 // probeOnce runs one probe of o's first service against 127.0.0.1.
@@ -105,7 +106,8 @@ func TestProbeIMAPLiteralLogin(t *testing.T) {
 }
 
 func TestProbeIMAPStartTLS(t *testing.T) {
-	srvTLS, cliTLS := testCert(t)
+	pki := testutil.LoopbackPKI(t)
+	srvTLS, cliTLS := pki.Server, pki.Client("")
 	svc := func(port int) Service {
 		s := imapService(port)
 		s.Backend.TLS = config.TLSStartTLS
@@ -123,7 +125,7 @@ func TestProbeIMAPStartTLS(t *testing.T) {
 		checkProbeErr(t, probeOnce(t, Options{Services: []Service{svc(srv.port)}}), `STARTTLS answered "a BAD no TLS here"`)
 	})
 	t.Run("untrusted certificate", func(t *testing.T) {
-		other, _ := testCert(t)
+		other := testutil.LoopbackPKI(t).Server
 		srv := newFake(t, nil, func(c net.Conn, _ int) { fakeIMAP{tls: other}.serve(c) })
 		checkProbeErr(t, probeOnce(t, Options{Services: []Service{svc(srv.port)}}), "tls handshake")
 	})
@@ -134,7 +136,8 @@ func TestProbeIMAPStartTLS(t *testing.T) {
 }
 
 func TestProbeImplicitTLS(t *testing.T) {
-	srvTLS, cliTLS := testCert(t)
+	pki := testutil.LoopbackPKI(t)
+	srvTLS, cliTLS := pki.Server, pki.Client("")
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -152,7 +155,8 @@ func TestProbeImplicitTLS(t *testing.T) {
 }
 
 func TestProbePOP3(t *testing.T) {
-	srvTLS, cliTLS := testCert(t)
+	pki := testutil.LoopbackPKI(t)
+	srvTLS, cliTLS := pki.Server, pki.Client("")
 	good := fakePOP3{user: "probe", pass: "pw with spaces"}
 	tests := []struct {
 		name     string

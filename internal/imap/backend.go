@@ -3,7 +3,6 @@ package imap
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -84,10 +84,10 @@ func (b *backend) read() (*response, error) {
 		return nil, fmt.Errorf("%w: response without tag", errBackendProtocol)
 	}
 	word, _, _ := bytes.Cut(rest, []byte{' '})
-	resp.status = asciiUpper(string(word))
+	resp.status = wire.UpperASCII(string(word))
 	if resp.tag == "*" {
 		for {
-			_, n, _, ok := literalMarker(line)
+			_, n, _, ok := wire.LiteralHeader(line)
 			if !ok {
 				break
 			}
@@ -118,7 +118,7 @@ func (b *backend) noteCapabilities(r *response) {
 		list = rest[len("CAPABILITY"):]
 	case r.status == "OK":
 		code := strings.TrimPrefix(rest[2:], " ")
-		if len(code) < len("[CAPABILITY ") || asciiUpper(code[:len("[CAPABILITY ")]) != "[CAPABILITY " {
+		if len(code) < len("[CAPABILITY ") || wire.UpperASCII(code[:len("[CAPABILITY ")]) != "[CAPABILITY " {
 			return
 		}
 		end := strings.IndexByte(code, ']')
@@ -131,7 +131,7 @@ func (b *backend) noteCapabilities(r *response) {
 	}
 	b.caps = map[string]bool{}
 	for _, c := range strings.Fields(list) {
-		b.caps[asciiUpper(c)] = true
+		b.caps[wire.UpperASCII(c)] = true
 	}
 }
 
@@ -205,7 +205,7 @@ func truncate(b []byte, n int) string {
 // backendLogin connects to the lease's backend and replays the login of
 // clientTag's command there. It returns the backend's tagged answer; an error
 // means the backend could not be used (unreachable, timeout, protocol error).
-func (c *client) backendLogin(ctx context.Context, clientTag string, lease *proxy.Lease, cr *credentials) (*backend, *response, error) {
+func (c *client) backendLogin(ctx context.Context, clientTag string, lease *proxy.Lease, cr *sasl.Credentials) (*backend, *response, error) {
 	o := &c.srv.o.Backend
 	conn, err := o.DialFor(ctx, lease.Backend, c.sess)
 	if err != nil {
@@ -223,7 +223,7 @@ func (c *client) backendLogin(ctx context.Context, clientTag string, lease *prox
 	if err := conn.SetDeadline(time.Now().Add(o.LoginTimeout)); err != nil {
 		return nil, nil, fmt.Errorf("set backend deadline: %w", err)
 	}
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(pastDeadline) })
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(wire.PastDeadline()) })
 	defer stop()
 	b.r = wire.NewReader(conn, 0, backendMaxLine)
 
@@ -311,12 +311,12 @@ func (c *client) idCommand(tag string) []byte {
 		if i > 0 {
 			b = append(b, ' ')
 		}
-		b = appendQuoted(b, p.key)
+		b = wire.AppendQuoted(b, p.key)
 		b = append(b, ' ')
 		if p.value == nil {
 			b = append(b, "NIL"...)
 		} else {
-			b = appendQuoted(b, *p.value)
+			b = wire.AppendQuoted(b, *p.value)
 		}
 	}
 	return append(b, ")\r\n"...)
@@ -327,7 +327,7 @@ func ptr(s string) *string { return &s }
 // replayLogin sends the client's login to the backend and returns the
 // backend's tagged answer. Untagged responses are relayed to the client as
 // they are (except BYE, which await turns into an error).
-func (c *client) replayLogin(b *backend, cr *credentials) (*response, error) {
+func (c *client) replayLogin(b *backend, cr *sasl.Credentials) (*response, error) {
 	tag := b.nextTag()
 	pieces := loginPieces(tag, cr, b.caps)
 	relay := func(r *response) error {
@@ -364,31 +364,31 @@ var errContinue = errors.New("continuation request")
 
 // loginPieces encodes the login command for the backend. Each piece after
 // the first is sent after a continuation request from the backend.
-func loginPieces(tag string, cr *credentials, caps map[string]bool) [][]byte {
+func loginPieces(tag string, cr *sasl.Credentials, caps map[string]bool) [][]byte {
 	var pieces [][]byte
-	if cr.mech == "PLAIN" {
+	if cr.Mech == "PLAIN" {
 		// RFC 4616 section 2 message, base64 (RFC 9051 section 6.2.2).
-		enc := base64.StdEncoding.EncodeToString([]byte(cr.authzid + "\x00" + cr.authcid + "\x00" + cr.password))
+		enc := sasl.EncodeResponse(sasl.EncodePlain(cr.Authzid, cr.Authcid, cr.Password))
 		if caps["SASL-IR"] { // RFC 4959
 			return [][]byte{[]byte(tag + " AUTHENTICATE PLAIN " + enc + "\r\n")}
 		}
 		return [][]byte{[]byte(tag + " AUTHENTICATE PLAIN\r\n"), []byte(enc + "\r\n")}
 	}
 	cur := []byte(tag + " LOGIN ")
-	for i, s := range []string{cr.authcid, cr.password} {
+	for i, s := range []string{cr.Authcid, cr.Password} {
 		if i > 0 {
 			cur = append(cur, ' ')
 		}
 		switch {
 		case quotable(s):
-			cur = appendQuoted(cur, s)
+			cur = wire.AppendQuoted(cur, s)
 		case caps["LITERAL+"] || (caps["LITERAL-"] && len(s) <= literalMinusMax):
 			// RFC 7888: non-synchronizing literal, no round trip.
-			cur = appendLiteralMarker(cur, len(s), true)
+			cur = wire.AppendLiteralHeader(cur, len(s), true)
 			cur = append(cur, s...)
 		default:
 			// RFC 9051 section 4.3: synchronizing literal.
-			cur = appendLiteralMarker(cur, len(s), false)
+			cur = wire.AppendLiteralHeader(cur, len(s), false)
 			pieces = append(pieces, cur)
 			cur = []byte(s)
 		}

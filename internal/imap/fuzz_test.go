@@ -5,7 +5,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -14,6 +13,9 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/sasl"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -33,12 +35,12 @@ func FuzzParseCommand(f *testing.F) {
 			if err != nil {
 				continue
 			}
-			if cmd.tag == "" || cmd.name == "" || cmd.name != asciiUpper(cmd.name) {
+			if cmd.tag == "" || cmd.name == "" || cmd.name != wire.UpperASCII(cmd.name) {
 				t.Fatalf("malformed command %+v", cmd)
 			}
 			for _, a := range cmd.args {
-				if a.isAstring() {
-					roundTrip(t, a.s)
+				if isAstring(a) {
+					roundTrip(t, a.S)
 				}
 			}
 		}
@@ -49,7 +51,7 @@ func FuzzParseCommand(f *testing.F) {
 func roundTrip(t *testing.T, s string) {
 	t.Helper()
 	for _, caps := range []map[string]bool{{"LITERAL+": true}, {}} {
-		pieces := loginPieces("T1", &credentials{mech: "LOGIN", authcid: s, password: s}, caps)
+		pieces := loginPieces("T1", &sasl.Credentials{Mech: "LOGIN", Authcid: s, Password: s}, caps)
 		cmds, conts, err := frame(string(bytes.Join(pieces, nil)), 1<<20)
 		if len(cmds) != 1 || conts != len(pieces)-1 || err != io.EOF {
 			t.Fatalf("encoding of %q framed as %d commands, %d continuations, err %v", s, len(cmds), conts, err)
@@ -58,35 +60,11 @@ func roundTrip(t *testing.T, s string) {
 		if err != nil {
 			t.Fatalf("encoding of %q does not parse: %v", s, err)
 		}
-		if cmd.name != "LOGIN" || len(cmd.args) != 2 || cmd.args[0].s != s || cmd.args[1].s != s {
+		if cmd.name != "LOGIN" || len(cmd.args) != 2 || cmd.args[0].S != s || cmd.args[1].S != s {
 			t.Fatalf("encoding of %q parses as %s %q", s, cmd.name, flatten(cmd.args))
 		}
 	}
 }
-
-// refusingDirector never has a backend.
-type refusingDirector struct{}
-
-func (refusingDirector) Acquire(context.Context, string) (*proxy.Lease, error) {
-	return nil, proxy.ErrUnavailable
-}
-
-// memConn is an in-memory client connection: reads come from a fixed input
-// and end with EOF, writes are collected. Reads never block, so deadlines
-// are not needed.
-type memConn struct {
-	in  *bytes.Reader
-	out bytes.Buffer
-}
-
-func (m *memConn) Read(p []byte) (int, error)         { return m.in.Read(p) }
-func (m *memConn) Write(p []byte) (int, error)        { return m.out.Write(p) }
-func (m *memConn) Close() error                       { return nil }
-func (m *memConn) LocalAddr() net.Addr                { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 143} }
-func (m *memConn) RemoteAddr() net.Addr               { return &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 40000} }
-func (m *memConn) SetDeadline(t time.Time) error      { return nil }
-func (m *memConn) SetReadDeadline(t time.Time) error  { return nil }
-func (m *memConn) SetWriteDeadline(t time.Time) error { return nil }
 
 // FuzzPreLogin feeds arbitrary client bytes to the pre-login state machine
 // over an in-memory connection, with a Director that refuses every user.
@@ -94,13 +72,16 @@ func (m *memConn) SetWriteDeadline(t time.Time) error { return nil }
 // everything usher said before any TLS handshake must be well-formed IMAP
 // response lines.
 func FuzzPreLogin(f *testing.F) {
-	srvTLS, _ := testTLS(f)
-	srv := New(Options{Director: refusingDirector{}, IdleTimeout: 2 * time.Second, MaxLiteral: 1024})
+	srvTLS := testutil.LoopbackPKI(f).Server
+	local, remote := netip.MustParseAddrPort("127.0.0.1:143"), netip.MustParseAddrPort("192.0.2.1:40000")
 	f.Fuzz(func(t *testing.T, data []byte) {
-		conn := &memConn{in: bytes.NewReader(data)}
+		d := proxytest.NewDirector(netip.Addr{})
+		d.SetErr(proxy.ErrUnavailable)
+		srv := New(Options{Director: d, IdleTimeout: 2 * time.Second, MaxLiteral: 1024})
+		conn := testutil.NewMemConn(data, local, remote)
 		sess := &proxy.Session{
 			ID: "fuzz", Proto: "imap", Conn: conn,
-			Remote: netip.MustParseAddrPort("192.0.2.1:40000"), Local: netip.MustParseAddrPort("127.0.0.1:143"),
+			Remote: remote, Local: local,
 			Start: time.Now(), Log: slog.New(slog.DiscardHandler),
 			// The first byte picks trusted or not, to reach both LOGIN paths.
 			TLSMode: config.TLSStartTLS, TLSConfig: srvTLS, Trusted: len(data) > 0 && data[0]&1 == 1,
@@ -115,7 +96,10 @@ func FuzzPreLogin(f *testing.F) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("Serve did not return")
 		}
-		checkResponses(t, conn.out.Bytes())
+		if n := d.Acquired(); n != 0 {
+			t.Fatalf("%d leases acquired from a refusing director", n)
+		}
+		checkResponses(t, conn.Output())
 	})
 }
 

@@ -1,95 +1,20 @@
 package imap
 
 import (
-	"bufio"
-	"bytes"
-	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
-	"errors"
-	"log/slog"
-	"math/big"
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 	"github.com/usher-mail/usher/internal/wire"
 )
-
-// testTLS returns a server config with a fresh self-signed certificate for
-// 127.0.0.1 and a pool that trusts it.
-func testTLS(t testing.TB) (*tls.Config, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "usher test"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:              []string{"localhost"},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: cert}}}, pool
-}
-
-// fakeDirector hands out leases on one backend IP, or fails with err.
-type fakeDirector struct {
-	mu       sync.Mutex
-	ip       netip.Addr
-	err      error
-	done     chan struct{}
-	users    []string
-	acquired int
-	released int
-}
-
-func (d *fakeDirector) Acquire(_ context.Context, user string) (*proxy.Lease, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.users = append(d.users, user)
-	if d.err != nil {
-		return nil, d.err
-	}
-	d.acquired++
-	return proxy.NewLease(user, d.ip, d.done, func() {
-		d.mu.Lock()
-		d.released++
-		d.mu.Unlock()
-	}), nil
-}
-
-func (d *fakeDirector) counts() (acquired, released int, users []string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.acquired, d.released, append([]string(nil), d.users...)
-}
 
 // beEvent is one command the fake backend received.
 type beEvent struct {
@@ -114,10 +39,7 @@ type fakeBackend struct {
 
 func newFakeBackend(t testing.TB, setup func(*fakeBackend)) *fakeBackend {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := testutil.Listen(t)
 	f := &fakeBackend{
 		t: t, ln: ln, caps: "IMAP4rev1 ID SASL-IR LITERAL+ AUTH=PLAIN", greetCaps: true,
 		users: map[string]string{"alice": "secret"}, events: make(chan beEvent, 100),
@@ -125,20 +47,11 @@ func newFakeBackend(t testing.TB, setup func(*fakeBackend)) *fakeBackend {
 	if setup != nil {
 		setup(f)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go f.serve(c)
-		}
-	}()
+	testutil.Serve(t, ln, func(c net.Conn, _ int) { f.serve(c) })
 	return f
 }
 
-func (f *fakeBackend) port() int { return f.ln.Addr().(*net.TCPAddr).Port }
+func (f *fakeBackend) port() int { return testutil.Port(f.ln) }
 
 func (f *fakeBackend) next(t testing.TB) beEvent {
 	t.Helper()
@@ -164,10 +77,10 @@ func (f *fakeBackend) nextNamed(t testing.TB, name string) beEvent {
 func flatten(args []arg) []string {
 	var out []string
 	for _, a := range args {
-		if a.kind == argList {
-			out = append(out, flatten(a.list)...)
+		if a.Kind == wire.List {
+			out = append(out, flatten(a.List)...)
 		} else {
-			out = append(out, a.s)
+			out = append(out, a.S)
 		}
 	}
 	return out
@@ -206,10 +119,10 @@ func (f *fakeBackend) serve(conn net.Conn) {
 			return
 		}
 		ev := beEvent{tls: secure}
-		for i, l := range raw.lines {
+		for i, l := range raw.Lines {
 			ev.raw = append(ev.raw, string(l))
-			if i < len(raw.lits) {
-				ev.raw = append(ev.raw, string(raw.lits[i]))
+			if i < len(raw.Lits) {
+				ev.raw = append(ev.raw, string(raw.Lits[i]))
 			}
 		}
 		cmd, err := parseCommand(raw)
@@ -290,160 +203,18 @@ func (f *fakeBackend) serve(conn net.Conn) {
 	}
 }
 
-// syncBuffer collects log output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// tclient is the test's IMAP client.
-type tclient struct {
-	t    testing.TB
-	conn net.Conn
-	br   *bufio.Reader
-}
-
-func (c *tclient) send(s string) {
-	c.t.Helper()
-	_ = c.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.conn.Write([]byte(s)); err != nil {
-		c.t.Fatalf("client write: %v", err)
-	}
-}
-
-// line reads one server line without CRLF.
-func (c *tclient) line() string {
-	c.t.Helper()
-	_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	l, err := c.br.ReadString('\n')
-	if err != nil {
-		c.t.Fatalf("client read: %v (got %q)", err, l)
-	}
-	return strings.TrimRight(l, "\r\n")
-}
-
-// expect reads one line and checks its prefix.
-func (c *tclient) expect(prefix string) string {
-	c.t.Helper()
-	l := c.line()
-	if !strings.HasPrefix(l, prefix) {
-		c.t.Fatalf("got %q, want prefix %q", l, prefix)
-	}
-	return l
-}
-
-// expectClosed checks that the server closed the connection.
-func (c *tclient) expectClosed() {
-	c.t.Helper()
-	_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	l, err := c.br.ReadString('\n')
-	if err == nil || isTimeout(err) {
-		c.t.Fatalf("connection still open (read %q, err %v)", l, err)
-	}
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// startTLS upgrades the client connection after a STARTTLS OK.
-func (c *tclient) startTLS(pool *x509.CertPool) {
-	c.t.Helper()
-	tc := tls.Client(c.conn, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"})
-	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-	if err := tc.Handshake(); err != nil {
-		c.t.Fatalf("client TLS handshake: %v", err)
-	}
-	c.conn, c.br = tc, bufio.NewReader(tc)
-}
-
-// session is one Serve run against a test client.
-type session struct {
-	client *tclient
-	sess   *proxy.Session
-	logs   *syncBuffer
-	cancel context.CancelFunc
-	reason chan string
-}
-
-// waitReason returns Serve's end reason.
-func (s *session) waitReason(t testing.TB) string {
-	t.Helper()
-	select {
-	case r := <-s.reason:
-		s.reason <- r
-		return r
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-		return ""
-	}
-}
-
 // startSession runs srv.Serve on a fresh TCP connection on 127.0.0.1; setup
-// may change the session before Serve starts.
-func startSession(t testing.TB, srv *Server, setup func(*proxy.Session)) *session {
+// may change the session before Serve starts. The session is trusted and
+// without TLS unless setup says otherwise.
+func startSession(t testing.TB, srv *Server, setup func(*proxy.Session)) *proxytest.Session {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &syncBuffer{}
-	ap := func(a net.Addr) netip.AddrPort { return a.(*net.TCPAddr).AddrPort() }
-	sess := &proxy.Session{
-		ID: "sess-1", Proto: "imap", Conn: sc, Remote: ap(sc.RemoteAddr()), Local: ap(sc.LocalAddr()),
-		Start: time.Now(), TLSMode: config.TLSNone, Trusted: true,
-		Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	}
-	if setup != nil {
-		setup(sess)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s := &session{client: &tclient{t: t, conn: cc, br: bufio.NewReader(cc)}, sess: sess, logs: logs,
-		cancel: cancel, reason: make(chan string, 1)}
-	go func() {
-		r := srv.Serve(ctx, sess)
-		sess.Conn.Close()
-		sc.Close()
-		s.reason <- r
-	}()
-	t.Cleanup(func() {
-		cancel()
-		s.client.conn.Close()
-		select {
-		case <-s.reason:
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return after cancel")
-		}
-	})
-	return s
+	return proxytest.StartSession(t, srv, proxytest.SessionOptions{Proto: "imap", ID: "sess-1", Trusted: true, Setup: setup})
 }
 
 // newTestServer returns a Server whose director points at be (nil: a
 // director refusing with proxy.ErrUnavailable).
-func newTestServer(be *fakeBackend, mod func(*Options)) (*Server, *fakeDirector) {
-	d := &fakeDirector{ip: netip.MustParseAddr("127.0.0.1")}
+func newTestServer(be *fakeBackend, mod func(*Options)) (*Server, *proxytest.Director) {
+	d := proxytest.NewDirector(netip.MustParseAddr("127.0.0.1"))
 	o := Options{
 		Director:    d,
 		Backend:     proxy.BackendOptions{TLS: config.TLSNone, ConnectTimeout: 2 * time.Second, LoginTimeout: 3 * time.Second},
@@ -452,7 +223,7 @@ func newTestServer(be *fakeBackend, mod func(*Options)) (*Server, *fakeDirector)
 	if be != nil {
 		o.Backend.Port = be.port()
 	} else {
-		d.err = proxy.ErrUnavailable
+		d.SetErr(proxy.ErrUnavailable)
 	}
 	if mod != nil {
 		mod(&o)

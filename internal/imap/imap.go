@@ -22,7 +22,6 @@ package imap
 import (
 	"context"
 	"crypto/tls"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -33,6 +32,7 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -55,9 +55,6 @@ const (
 	maxIDKey   = 30
 	maxIDValue = 1024
 )
-
-// pastDeadline is a deadline in the past: it makes a blocked read return.
-var pastDeadline = time.Unix(1, 0)
 
 // Options configures the IMAP front end.
 type Options struct {
@@ -98,27 +95,13 @@ func (s *Server) Serve(ctx context.Context, sess *proxy.Session) (reason string)
 		log = slog.New(slog.DiscardHandler)
 	}
 	c := &client{srv: s, sess: sess, raw: sess.Conn, log: log}
-	c.r = wire.NewReader(guardedConn{sess.Conn, ctx}, s.o.IdleTimeout, wire.DefaultMaxLine)
-	// Make a blocked read return when ctx ends; guardedConn keeps later
+	c.r = wire.NewReaderContext(ctx, sess.Conn, s.o.IdleTimeout, wire.DefaultMaxLine)
+	// Make a blocked read return when ctx ends; the Reader keeps later
 	// deadlines in the past (the lead's server may also close the conn).
-	stop := context.AfterFunc(ctx, func() { _ = c.raw.SetReadDeadline(pastDeadline) })
+	stop := wire.WatchContext(ctx, c.raw)
 	c.stopWatch = stop
 	defer stop()
 	return c.run(ctx)
-}
-
-// guardedConn keeps read deadlines in the past once ctx has ended, so that a
-// deadline set by wire.Reader cannot undo the cancellation.
-type guardedConn struct {
-	net.Conn
-	ctx context.Context
-}
-
-func (g guardedConn) SetReadDeadline(t time.Time) error {
-	if g.ctx.Err() != nil {
-		t = pastDeadline
-	}
-	return g.Conn.SetReadDeadline(t)
 }
 
 // client is the state of one session before login.
@@ -151,10 +134,10 @@ func (c *client) run(ctx context.Context) string {
 		if ctx.Err() != nil {
 			err = errShutdown
 		} else {
-			var raw *rawCommand
+			var raw *wire.Frame
 			raw, err = readCommand(c.r, c.srv.o.MaxLiteral, c.continueLiteral)
 			if raw != nil {
-				tag, _, _ = parseTag(raw.lines[0])
+				tag, _, _ = parseTag(raw.Lines[0])
 			}
 			if err != nil {
 				err = c.readErr(ctx, err)
@@ -321,28 +304,28 @@ func (c *client) cmdID(cmd *command) error {
 	a := cmd.args[0]
 	var params []idParam
 	switch {
-	case a.isNil():
-	case a.kind == argList:
-		if len(a.list)%2 != 0 {
+	case isNil(a):
+	case a.Kind == wire.List:
+		if len(a.List)%2 != 0 {
 			return errArgs
 		}
-		for i := 0; i < len(a.list); i += 2 {
-			k, v := a.list[i], a.list[i+1]
-			if !k.isAstring() || k.isNil() || !(v.isAstring() || v.isNil()) {
+		for i := 0; i < len(a.List); i += 2 {
+			k, v := a.List[i], a.List[i+1]
+			if !isAstring(k) || isNil(k) || !(isAstring(v) || isNil(v)) {
 				return errArgs
 			}
 			var val *string
-			if !v.isNil() {
-				val = &v.s
+			if !isNil(v) {
+				val = &v.S
 			}
 			// Keys starting with "x-" are dropped: usher sets the
 			// x-originating-* ones itself, and backends trusting usher
 			// would honour client-supplied ones (Dovecot: x-forward-*).
-			if len(params) >= maxIDPairs || len(k.s) > maxIDKey || (val != nil && len(*val) > maxIDValue) ||
-				strings.HasPrefix(asciiUpper(k.s), "X-") || !quotable(k.s) || (val != nil && !quotable(*val)) {
+			if len(params) >= maxIDPairs || len(k.S) > maxIDKey || (val != nil && len(*val) > maxIDValue) ||
+				strings.HasPrefix(wire.UpperASCII(k.S), "X-") || !quotable(k.S) || (val != nil && !quotable(*val)) {
 				continue
 			}
-			params = append(params, idParam{key: k.s, value: val})
+			params = append(params, idParam{key: k.S, value: val})
 		}
 	default:
 		return errArgs
@@ -375,57 +358,21 @@ func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 		return fmt.Errorf("%w: %w", errTLSHandshake, err)
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
-	c.r = wire.NewReader(guardedConn{tc, ctx}, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
+	c.r = wire.NewReaderContext(ctx, tc, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
 	c.log.Debug("starttls done", "tls_version", tls.VersionName(tc.ConnectionState().Version))
 	return nil
 }
 
-// credentials is what the client gave to log in. It must never reach a log:
-// String and LogValue hide the password.
-type credentials struct {
-	mech     string // "LOGIN" or "PLAIN"
-	authzid  string // PLAIN only
-	authcid  string
-	password string
-}
-
-// user is the login name the backend is chosen for: the authorization
-// identity when one is given (a master user logging in as someone), else the
-// authentication identity (RFC 4616 section 2).
-func (cr *credentials) user() string {
-	if cr.authzid != "" {
-		return cr.authzid
-	}
-	return cr.authcid
-}
-
-func (cr *credentials) String() string       { return cr.mech + " " + cr.user() + " <password hidden>" }
-func (cr *credentials) GoString() string     { return cr.String() }
-func (cr *credentials) LogValue() slog.Value { return slog.StringValue(cr.String()) }
-
-// validUser refuses names that cannot be routed or logged sanely.
-func validUser(u string) bool {
-	if u == "" {
-		return false
-	}
-	for i := 0; i < len(u); i++ {
-		if u[i] < ' ' || u[i] == 0x7f {
-			return false
-		}
-	}
-	return true
-}
-
 // cmdLogin handles LOGIN (RFC 9051 section 6.2.3).
 func (c *client) cmdLogin(ctx context.Context, cmd *command) error {
-	if len(cmd.args) != 2 || !cmd.args[0].isAstring() || !cmd.args[1].isAstring() {
+	if len(cmd.args) != 2 || !isAstring(cmd.args[0]) || !isAstring(cmd.args[1]) {
 		return errArgs
 	}
 	if !c.sess.PlaintextAllowed() {
 		return errPrivacy
 	}
-	cr := &credentials{mech: "LOGIN", authcid: cmd.args[0].s, password: cmd.args[1].s}
-	if !validUser(cr.authcid) || cr.password == "" {
+	cr := &sasl.Credentials{Mech: "LOGIN", Authcid: cmd.args[0].S, Password: cmd.args[1].S}
+	if !cr.Valid() {
 		return errCredentials
 	}
 	return c.login(ctx, cmd.tag, cr)
@@ -434,10 +381,10 @@ func (c *client) cmdLogin(ctx context.Context, cmd *command) error {
 // cmdAuthenticate handles AUTHENTICATE PLAIN (RFC 9051 section 6.2.2, RFC
 // 4616), with an initial response (RFC 4959) or after a continuation.
 func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
-	if len(cmd.args) < 1 || len(cmd.args) > 2 || cmd.args[0].kind != argAtom {
+	if len(cmd.args) < 1 || len(cmd.args) > 2 || cmd.args[0].Kind != wire.Atom {
 		return errArgs
 	}
-	if asciiUpper(cmd.args[0].s) != "PLAIN" {
+	if wire.UpperASCII(cmd.args[0].S) != "PLAIN" {
 		return errMechanism
 	}
 	if !c.sess.PlaintextAllowed() {
@@ -446,10 +393,10 @@ func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 	var resp string
 	if len(cmd.args) == 2 {
 		ir := cmd.args[1]
-		if !ir.isAstring() {
+		if !isAstring(ir) {
 			return errArgs
 		}
-		resp = ir.s
+		resp = ir.S
 		if resp == "=" { // RFC 4959 section 3: an empty initial response
 			resp = ""
 		}
@@ -467,52 +414,24 @@ func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 		}
 		resp = string(line)
 	}
-	msg, err := decodeBase64(resp)
+	msg, err := sasl.DecodeResponse(resp)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errBase64, err)
 	}
-	cr, err := decodePlain(msg)
+	cr, err := sasl.PlainCredentials(msg)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errCredentials, err)
 	}
 	return c.login(ctx, cmd.tag, cr)
-}
-
-// decodeBase64 decodes a SASL response (RFC 4648 section 4); padding is
-// optional because some clients omit it.
-func decodeBase64(s string) ([]byte, error) {
-	enc := base64.StdEncoding
-	if len(s)%4 != 0 {
-		enc = base64.RawStdEncoding
-	}
-	b, err := enc.Strict().DecodeString(s)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errBase64, err)
-	}
-	return b, nil
-}
-
-// decodePlain splits a PLAIN message: [authzid] NUL authcid NUL passwd (RFC
-// 4616 section 2).
-func decodePlain(msg []byte) (*credentials, error) {
-	parts := strings.Split(string(msg), "\x00")
-	if len(parts) != 3 {
-		return nil, fmt.Errorf("%w: PLAIN message needs 3 fields", errCredentials)
-	}
-	cr := &credentials{mech: "PLAIN", authzid: parts[0], authcid: parts[1], password: parts[2]}
-	if !validUser(cr.authcid) || cr.password == "" || (cr.authzid != "" && !validUser(cr.authzid)) {
-		return nil, fmt.Errorf("%w: empty or invalid PLAIN field", errCredentials)
-	}
-	return cr, nil
 }
 
 // login runs one login attempt: acquire the user's backend, replay the login
 // there and relay the answer. On success it splices the connections and
 // returns the sessionEnd; on a rejected login it returns nil (the client may
 // retry); an unusable backend yields errUnavailable.
-func (c *client) login(ctx context.Context, tag string, cr *credentials) error {
+func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) error {
 	start := time.Now()
-	user := cr.user()
+	user := cr.User()
 	c.sess.User = user
 	log := c.log.With("user", user)
 	lease, err := c.srv.o.Director.Acquire(ctx, user)

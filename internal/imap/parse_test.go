@@ -12,7 +12,7 @@ import (
 
 // frame reads all commands of input like the server does; conts counts the
 // continuation requests sent.
-func frame(input string, maxLiteral int) (cmds []*rawCommand, conts int, err error) {
+func frame(input string, maxLiteral int) (cmds []*wire.Frame, conts int, err error) {
 	r := wire.NewReaderFrom(strings.NewReader(input), 0)
 	for {
 		raw, err := readCommand(r, maxLiteral, func() error { conts++; return nil })
@@ -27,13 +27,13 @@ func frame(input string, maxLiteral int) (cmds []*rawCommand, conts int, err err
 func show(args []arg) string {
 	var parts []string
 	for _, a := range args {
-		switch a.kind {
-		case argAtom:
-			parts = append(parts, a.s)
-		case argString:
-			parts = append(parts, "'"+a.s+"'")
-		case argList:
-			parts = append(parts, "("+show(a.list)+")")
+		switch a.Kind {
+		case wire.Atom:
+			parts = append(parts, a.S)
+		case wire.String:
+			parts = append(parts, "'"+a.S+"'")
+		case wire.List:
+			parts = append(parts, "("+show(a.List)+")")
 		}
 	}
 	return strings.Join(parts, " ")
@@ -104,8 +104,8 @@ func TestFraming(t *testing.T) {
 	if len(cmds) != 2 || conts != 1 || err == nil {
 		t.Fatalf("got %d commands, %d continuations, err %v", len(cmds), conts, err)
 	}
-	if !slices.EqualFunc(cmds[0].lits, [][]byte{[]byte("abc"), []byte("de")}, bytes.Equal) {
-		t.Errorf("literals %q", cmds[0].lits)
+	if !slices.EqualFunc(cmds[0].Lits, [][]byte{[]byte("abc"), []byte("de")}, bytes.Equal) {
+		t.Errorf("literals %q", cmds[0].Lits)
 	}
 	_, conts, err = frame("a {11}\r\n", 10)
 	if !errors.Is(err, errLitLimit) || conts != 0 {
@@ -122,30 +122,5 @@ func TestFraming(t *testing.T) {
 	_, _, err = frame("a"+strings.Repeat(" {0+}\r\n", maxLiterals+1), 10)
 	if !errors.Is(err, errNonSyncLimit) {
 		t.Errorf("too many literals: err %v", err)
-	}
-}
-
-func TestLiteralMarker(t *testing.T) {
-	tests := []struct {
-		in      string
-		n       int64
-		nonSync bool
-		ok      bool
-	}{
-		{"x {5}", 5, false, true},
-		{"x {5+}", 5, true, true},
-		{"{0}", 0, false, true},
-		{"x {}", 0, false, false},
-		{"x {+}", 0, false, false},
-		{"x {5-}", 0, false, false},
-		{"x 5}", 0, false, false},
-		{"x {5} ", 0, false, false},
-		{"x {99999999999}", 1 << 33, false, true},
-	}
-	for _, tc := range tests {
-		_, n, ns, ok := literalMarker([]byte(tc.in))
-		if ok != tc.ok || (ok && (n < tc.n || ns != tc.nonSync)) {
-			t.Errorf("%q: n %d nonSync %v ok %v", tc.in, n, ns, ok)
-		}
 	}
 }

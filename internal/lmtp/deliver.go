@@ -18,6 +18,7 @@ import (
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/wire"
+	"github.com/usher-mail/usher/internal/xclient"
 )
 
 // Backend-side bounds.
@@ -33,12 +34,6 @@ const (
 	maxCommandLine = 512
 	// quitWait bounds the wait for the backend's answer to QUIT.
 	quitWait = 2 * time.Second
-	// proxyTTL is the hop budget, as Dovecot's LMTP_PROXY_DEFAULT_TTL (5):
-	// usher sends one less in XCLIENT TTL, so proxies pointing at each
-	// other give up instead of looping.
-	proxyTTL = 5
-	// maxSessionID is Dovecot's limit on a session ID.
-	maxSessionID = 64
 	// copyBuffer is the write buffer towards a backend.
 	copyBuffer = 32 << 10
 )
@@ -524,42 +519,17 @@ func xclientLine(args string, sess *proxy.Session, helo string) string {
 	for _, a := range strings.Fields(args) {
 		offered[strings.ToUpper(a)] = true
 	}
-	var attrs []string
-	add := func(name, value string) {
-		if offered[name] && value != "" {
-			attrs = append(attrs, name+"="+xtext(value))
+	a := xclient.For(sess.Remote, sess.ID, xclient.Printable)
+	var attrs []xclient.Attr
+	for _, at := range []xclient.Attr{{Name: "HELO", Value: helo}, a.TTL, a.Port, a.Session, a.Addr} {
+		if offered[at.Name] {
+			attrs = append(attrs, at)
 		}
 	}
-	add("HELO", helo)
-	add("TTL", strconv.Itoa(proxyTTL-1))
-	if sess.Remote.IsValid() && sess.Remote.Port() != 0 {
-		add("PORT", strconv.Itoa(int(sess.Remote.Port())))
-	}
-	if validSessionID(sess.ID) {
-		add("SESSION", sess.ID)
-	}
-	if sess.Remote.IsValid() {
-		add("ADDR", sess.Remote.Addr().Unmap().WithZone("").String())
-	}
-	if len(attrs) == 0 {
-		return ""
-	}
-	line := "XCLIENT " + strings.Join(attrs, " ")
+	line := xclient.Line(attrs, xclient.Xtext)
 	if len(line)+2 > maxCommandLine && offered["HELO"] && helo != "" {
 		// Only a long HELO name can make it too long; drop it.
 		return xclientLine(args, sess, "")
 	}
 	return line
-}
-
-func validSessionID(id string) bool {
-	if id == "" || len(id) > maxSessionID {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		if id[i] <= ' ' || id[i] >= 0x7f {
-			return false
-		}
-	}
-	return true
 }

@@ -3,20 +3,20 @@ package lmtp
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 	"unicode/utf8"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 )
 
 // FuzzParsePath feeds arbitrary text to the MAIL and RCPT argument parsers.
@@ -60,53 +60,6 @@ func FuzzParsePath(f *testing.F) {
 	})
 }
 
-// memConn is a net.Conn whose reads come from a fixed input (then EOF) and
-// whose writes are collected. Deadlines are accepted and ignored: reads
-// never block.
-type memConn struct {
-	mu     sync.Mutex
-	in     *bytes.Reader
-	out    bytes.Buffer
-	closed bool
-}
-
-func (m *memConn) Read(p []byte) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, net.ErrClosed
-	}
-	return m.in.Read(p)
-}
-
-func (m *memConn) Write(p []byte) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, net.ErrClosed
-	}
-	return m.out.Write(p)
-}
-
-func (m *memConn) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.closed = true
-	return nil
-}
-
-func (m *memConn) output() []byte {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return bytes.Clone(m.out.Bytes())
-}
-
-func (m *memConn) LocalAddr() net.Addr              { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 24} }
-func (m *memConn) RemoteAddr() net.Addr             { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2), Port: 4000} }
-func (m *memConn) SetDeadline(time.Time) error      { return nil }
-func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
-func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
-
 // In FuzzSession command lines are capped at fuzzMaxLine, message lines at
 // fuzzMaxDataLine and the memory spool at fuzzMemSpool, so short inputs
 // reach the overlong-line and file spool paths; inputs over maxFuzzInput are skipped (the fuzzer's
@@ -128,8 +81,8 @@ const (
 // leave no spool file behind, and everything it writes before any TLS
 // handshake must be CRLF-terminated replies, starting with the greeting.
 func FuzzSession(f *testing.F) {
-	cert, _ := testCert(f)
-	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	srvTLS := testutil.LoopbackPKI(f).Server
+	local, remote := netip.MustParseAddrPort("127.0.0.1:24"), netip.MustParseAddrPort("127.0.0.2:4000")
 	discard := slog.New(slog.DiscardHandler)
 	base := f.TempDir()
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -145,28 +98,27 @@ func FuzzSession(f *testing.F) {
 			n := min(int(data[0])<<8|int(data[1]), len(data)-2)
 			script, data = data[2:2+n], data[2+n:]
 		}
-		conn := &memConn{in: bytes.NewReader(data)}
+		conn := testutil.NewMemConn(data, local, remote)
 		sess := &proxy.Session{
 			ID:      "fuzz",
 			Proto:   "lmtp",
 			Conn:    conn,
-			Remote:  netip.MustParseAddrPort("127.0.0.2:4000"),
-			Local:   netip.MustParseAddrPort("127.0.0.1:24"),
+			Remote:  remote,
+			Local:   local,
 			Log:     discard,
 			TLSMode: config.TLSNone,
 		}
 		if flags&1 != 0 {
 			sess.TLSMode, sess.TLSConfig = config.TLSStartTLS, srvTLS
 		}
-		d := &fakeDirector{def: netip.MustParseAddr("127.0.0.1")}
-		var director proxy.Director = refusing{d}
-		if flags&(2|8) != 0 {
-			director = d
+		d := proxytest.NewDirector(netip.MustParseAddr("127.0.0.1"))
+		if flags&(2|8) == 0 {
+			d.SetErr(proxy.ErrUnavailable) // counts attempts and refuses every user
 		}
 		// Inputs run one at a time in each process, so base must be empty
 		// before and after each run.
 		dir := base
-		o := Options{Director: director, Hostname: "usher.fuzz", IdleTimeout: time.Second,
+		o := Options{Director: d, Hostname: "usher.fuzz", IdleTimeout: time.Second,
 			DataTimeout: time.Second, SpoolDir: dir, RecipientDelimiter: "+",
 			Backend: proxy.BackendOptions{LoginTimeout: time.Second}}
 		if flags&4 != 0 {
@@ -182,23 +134,23 @@ func FuzzSession(f *testing.F) {
 			}
 			// The backend's replies are all there at once, then EOF;
 			// what usher sends is collected and ignored.
-			return &memConn{in: bytes.NewReader(script)}, nil
+			return testutil.NewMemConn(script, local, remote), nil
 		}
 
-		// Synchronous: memConn reads never block and the Director and dial
+		// Synchronous: MemConn reads never block and the Director and dial
 		// answer at once, so Serve must return by itself (a hang fails the
 		// run by its timeout).
 		reason := srv.Serve(context.Background(), sess)
 		if reason == "" {
 			t.Fatal("empty end reason")
 		}
-		if h := d.held(); h != 0 {
+		if h := d.Held(); h != 0 {
 			t.Fatalf("%d leases not released (reason %q)", h, reason)
 		}
 		if entries, _ := os.ReadDir(dir); len(entries) != 0 {
 			t.Fatalf("spool files left: %v", entries)
 		}
-		out := conn.output()
+		out := conn.Output()
 		if i := bytes.Index(out, []byte("220 2.0.0 Ready to start TLS\r\n")); i >= 0 {
 			out = out[:i] // then come TLS records
 		}
@@ -219,14 +171,4 @@ func FuzzSession(f *testing.F) {
 			}
 		}
 	})
-}
-
-// refusing is a Director that counts attempts and refuses every user.
-type refusing struct{ d *fakeDirector }
-
-func (r refusing) Acquire(ctx context.Context, user string) (*proxy.Lease, error) {
-	r.d.mu.Lock()
-	r.d.users = append(r.d.users, user)
-	r.d.mu.Unlock()
-	return nil, proxy.ErrUnavailable
 }

@@ -89,9 +89,6 @@ const (
 	maxSizeDigits = 18
 )
 
-// pastDeadline is a deadline in the past: it makes a blocked read return.
-var pastDeadline = time.Unix(1, 0)
-
 // Options configures the LMTP front end.
 type Options struct {
 	// Director picks each recipient's backend. Required.
@@ -178,20 +175,6 @@ func (s *Server) loginTimeout() time.Duration {
 	return DefaultLoginTimeout
 }
 
-// guardedConn keeps read deadlines in the past once ctx has ended, so that a
-// deadline set by wire.Reader cannot undo the cancellation.
-type guardedConn struct {
-	net.Conn
-	ctx context.Context
-}
-
-func (g guardedConn) SetReadDeadline(t time.Time) error {
-	if g.ctx.Err() != nil {
-		t = pastDeadline
-	}
-	return g.Conn.SetReadDeadline(t)
-}
-
 // txn is one mail transaction, from MAIL to the end of the message.
 type txn struct {
 	from     path
@@ -238,9 +221,9 @@ func (s *Server) Serve(ctx context.Context, sess *proxy.Session) string {
 		log = slog.New(slog.DiscardHandler)
 	}
 	c := &session{srv: s, sess: sess, raw: sess.Conn, log: log}
-	c.r = wire.NewReader(guardedConn{sess.Conn, ctx}, s.o.IdleTimeout, s.maxLine)
+	c.r = wire.NewReaderContext(ctx, sess.Conn, s.o.IdleTimeout, s.maxLine)
 	// A shutdown makes a blocked read return at once; usher then says 421.
-	stop := context.AfterFunc(ctx, func() { _ = c.raw.SetReadDeadline(pastDeadline) })
+	stop := wire.WatchContext(ctx, c.raw)
 	defer stop()
 	defer c.endTransaction()
 	return c.run(ctx)
@@ -717,7 +700,7 @@ func (c *session) cmdStartTLS(ctx context.Context, arg string) string {
 		return reasonTLSFailed
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
-	c.r = wire.NewReader(guardedConn{tc, ctx}, c.srv.o.IdleTimeout, c.srv.maxLine)
+	c.r = wire.NewReaderContext(ctx, tc, c.srv.o.IdleTimeout, c.srv.maxLine)
 	return ""
 }
 

@@ -16,16 +16,18 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 )
 
 // env is one usher session with fake backends and a fake director.
 type env struct {
 	t   *testing.T
-	d   *fakeDirector
+	d   *proxytest.Director
 	bs  []*fakeBackend
 	srv *Server
-	h   *harness
-	c   *testClient
+	h   *proxytest.Session
+	c   *testutil.Client
 }
 
 // setup starts n backends (configured by configure), a director routing
@@ -34,42 +36,42 @@ type env struct {
 func setup(t *testing.T, n int, configure func(i int, b *fakeBackend), opt func(o *Options), so sessionOpts) *env {
 	t.Helper()
 	bs, port := newBackends(t, n, configure)
-	d := &fakeDirector{routes: map[string]netip.Addr{}, fail: map[string]error{}, def: bs[0].ip}
+	d := proxytest.NewDirector(bs[0].ip)
 	for i, u := range []string{"alice", "bob", "carol"} {
 		if i < n {
-			d.routes[u+"@example.org"] = bs[i].ip
+			d.Route(u+"@example.org", bs[i].ip)
 		}
 	}
-	d.routes["dave@example.org"] = bs[0].ip
+	d.Route("dave@example.org", bs[0].ip)
 	o := options(d, port)
 	if opt != nil {
 		opt(&o)
 	}
 	srv := New(o)
 	h := startSession(t, srv, so)
-	return &env{t: t, d: d, bs: bs, srv: srv, h: h, c: h.c}
+	return &env{t: t, d: d, bs: bs, srv: srv, h: h, c: h.Client}
 }
 
 // transaction sends MAIL and the RCPTs, expecting each accepted.
 func (e *env) transaction(from string, rcpts ...string) {
 	e.t.Helper()
-	e.c.send("MAIL FROM:<" + from + ">")
-	e.c.expect("250 2.1.0 Sender OK")
+	e.c.Send("MAIL FROM:<" + from + ">")
+	e.c.Expect("250 2.1.0 Sender OK")
 	for _, r := range rcpts {
-		e.c.send("RCPT TO:<" + r + ">")
-		e.c.expect("250 2.1.5 Recipient OK")
+		e.c.Send("RCPT TO:<" + r + ">")
+		e.c.Expect("250 2.1.5 Recipient OK")
 	}
 }
 
 // data sends DATA and the message lines and returns n replies.
 func (e *env) data(n int, lines ...string) []string {
 	e.t.Helper()
-	e.c.send("DATA")
-	e.c.expectPrefix("354 ")
-	e.c.write(stuff(lines...) + ".\r\n")
+	e.c.Send("DATA")
+	e.c.ExpectPrefix("354 ")
+	e.c.Write(stuff(lines...) + ".\r\n")
 	out := make([]string, n)
 	for i := range out {
-		out[i] = e.c.line()
+		out[i] = e.c.Line()
 	}
 	return out
 }
@@ -93,14 +95,14 @@ func TestDeliveryToThreeBackends(t *testing.T) {
 			b.ext = append(b.ext, "SIZE 100000000", "SMTPUTF8")
 		}
 	}, nil, sessionOpts{})
-	e.h.lhlo()
-	e.c.send("MAIL FROM:<sender@example.net> BODY=8BITMIME SIZE=120")
-	e.c.expect("250 2.1.0 Sender OK")
+	lhlo(e.h)
+	e.c.Send("MAIL FROM:<sender@example.net> BODY=8BITMIME SIZE=120")
+	e.c.Expect("250 2.1.0 Sender OK")
 	for _, r := range []string{"alice", "bob", "dave", "carol"} {
-		e.c.send("RCPT TO:<" + r + "@example.org>")
-		e.c.expect("250 2.1.5 Recipient OK")
+		e.c.Send("RCPT TO:<" + r + "@example.org>")
+		e.c.Expect("250 2.1.5 Recipient OK")
 	}
-	if h := e.d.held(); h != 4 {
+	if h := e.d.Held(); h != 4 {
 		t.Fatalf("%d leases held during the transaction, want 4", h)
 	}
 	got := e.data(4, testMessage...)
@@ -108,7 +110,7 @@ func TestDeliveryToThreeBackends(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Fatalf("replies %q, want %q", got, want)
 	}
-	if h := e.d.held(); h != 0 {
+	if h := e.d.Held(); h != 0 {
 		t.Errorf("%d leases held after the transaction", h)
 	}
 
@@ -135,12 +137,12 @@ func TestDeliveryToThreeBackends(t *testing.T) {
 			t.Errorf("backend %d got message %q, want %q", i, rec.data, stuff(testMessage...))
 		}
 		wantCmds := append(append([]string{"LHLO usher.test", wantMail[i]}, wantRcpts[i]...), "DATA", "QUIT")
-		waitFor(t, "QUIT", func() bool { return len(b.records()[0].cmds) == len(wantCmds) })
+		testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return len(b.records()[0].cmds) == len(wantCmds) })
 		if got := b.records()[0].cmds; !slices.Equal(got, wantCmds) {
 			t.Errorf("backend %d commands %q, want %q", i, got, wantCmds)
 		}
 	}
-	logs := e.h.logs.String()
+	logs := e.h.Logs.String()
 	for _, u := range []string{"alice", "bob", "carol", "dave"} {
 		if !strings.Contains(logs, "msg=delivery user="+u+"@example.org backend=") {
 			t.Errorf("no delivery log line for %s:\n%s", u, logs)
@@ -149,21 +151,21 @@ func TestDeliveryToThreeBackends(t *testing.T) {
 	if strings.Contains(logs, "Hello.") || strings.Contains(logs, "Subject") {
 		t.Errorf("message content in logs:\n%s", logs)
 	}
-	e.c.send("QUIT")
-	e.c.expect("221 2.0.0 usher.test closing connection")
-	e.c.expectEOF()
-	if r := e.h.wait(); r != "quit" {
+	e.c.Send("QUIT")
+	e.c.Expect("221 2.0.0 usher.test closing connection")
+	e.c.ExpectClosed()
+	if r := e.h.Wait(); r != "quit" {
 		t.Errorf("reason %q", r)
 	}
 }
 
 func TestRecipientDelimiter(t *testing.T) {
 	e := setup(t, 2, nil, func(o *Options) { o.RecipientDelimiter = "+-" }, sessionOpts{})
-	e.d.route("Alice@Example.org", e.bs[1].ip)
-	e.d.route("bob@example.org", e.bs[0].ip)
-	e.h.lhlo()
-	e.c.send("MAIL FROM:<>")
-	e.c.expect("250 2.1.0 Sender OK")
+	e.d.Route("Alice@Example.org", e.bs[1].ip)
+	e.d.Route("bob@example.org", e.bs[0].ip)
+	lhlo(e.h)
+	e.c.Send("MAIL FROM:<>")
+	e.c.Expect("250 2.1.0 Sender OK")
 	rcpts := []string{
 		"Alice+news@Example.org",
 		`"bob+x y"@example.org`,
@@ -173,11 +175,11 @@ func TestRecipientDelimiter(t *testing.T) {
 		"@relay.example,@other.example:carol@example.org", // source route, dropped
 	}
 	for _, r := range rcpts {
-		e.c.send("RCPT TO:<" + r + ">")
-		e.c.expect("250 2.1.5 Recipient OK")
+		e.c.Send("RCPT TO:<" + r + ">")
+		e.c.Expect("250 2.1.5 Recipient OK")
 	}
 	wantUsers := []string{"Alice@Example.org", "bob@example.org", "+tag@example.org", "a@example.org", "postmaster", "carol@example.org"}
-	if got := e.d.userList(); !slices.Equal(got, wantUsers) {
+	if got := e.d.Users(); !slices.Equal(got, wantUsers) {
 		t.Fatalf("director got %q, want %q", got, wantUsers)
 	}
 	replies := e.data(len(rcpts), "x")
@@ -202,16 +204,16 @@ func TestRecipientDelimiter(t *testing.T) {
 
 func TestSizeLimit(t *testing.T) {
 	e := setup(t, 2, nil, func(o *Options) { o.MaxMessageSize = 1000 }, sessionOpts{})
-	if ext := e.h.lhlo(); !hasExt(ext, "SIZE 1000") {
+	if ext := lhlo(e.h); !hasExt(ext, "SIZE 1000") {
 		t.Fatalf("LHLO %q does not advertise SIZE 1000", ext)
 	}
-	e.c.send("MAIL FROM:<s@example.net> SIZE=1001")
-	e.c.expect("552 5.3.4 Message size exceeds fixed maximum message size")
-	e.c.send("MAIL FROM:<s@example.net> SIZE=1000")
-	e.c.expect("250 2.1.0 Sender OK")
-	e.c.send("RCPT TO:<alice@example.org>", "RCPT TO:<bob@example.org>")
-	e.c.expect("250 2.1.5 Recipient OK")
-	e.c.expect("250 2.1.5 Recipient OK")
+	e.c.Send("MAIL FROM:<s@example.net> SIZE=1001")
+	e.c.Expect("552 5.3.4 Message size exceeds fixed maximum message size")
+	e.c.Send("MAIL FROM:<s@example.net> SIZE=1000")
+	e.c.Expect("250 2.1.0 Sender OK")
+	e.c.Send("RCPT TO:<alice@example.org>", "RCPT TO:<bob@example.org>")
+	e.c.Expect("250 2.1.5 Recipient OK")
+	e.c.Expect("250 2.1.5 Recipient OK")
 	line := strings.Repeat("x", 98) // 100 octets with CRLF
 	var big []string
 	for range 11 {
@@ -223,7 +225,7 @@ func TestSizeLimit(t *testing.T) {
 			t.Errorf("reply %q", r)
 		}
 	}
-	if h := e.d.held(); h != 0 {
+	if h := e.d.Held(); h != 0 {
 		t.Errorf("%d leases held", h)
 	}
 	for i, b := range e.bs {
@@ -238,8 +240,8 @@ func TestSizeLimit(t *testing.T) {
 	if got := e.data(1, exact...); got[0] != saved("alice@example.org") {
 		t.Errorf("message at the limit: %q", got)
 	}
-	e.c.send("NOOP")
-	e.c.expect("250 2.0.0 OK")
+	e.c.Send("NOOP")
+	e.c.Expect("250 2.0.0 OK")
 }
 
 func TestSequenceAndSyntaxErrors(t *testing.T) {
@@ -252,10 +254,10 @@ func TestSequenceAndSyntaxErrors(t *testing.T) {
 		{"LHLO", "501 5.5.4 Syntax: LHLO hostname"},
 	}
 	for _, s := range steps {
-		c.send(s.send)
-		c.expect(s.want)
+		c.Send(s.send)
+		c.Expect(s.want)
 	}
-	e.h.lhlo()
+	lhlo(e.h)
 	steps = []struct{ send, want string }{
 		{"RCPT TO:<alice@example.org>", "503 5.5.1 MAIL needed first"},
 		{"DATA", "503 5.5.1 MAIL needed first"},
@@ -282,23 +284,23 @@ func TestSequenceAndSyntaxErrors(t *testing.T) {
 		{"BDAT 3 LAST", ""}, // consumes "abc", answers below
 	}
 	for _, s := range steps {
-		c.send(s.send)
+		c.Send(s.send)
 		if s.want != "" {
-			c.expect(s.want)
+			c.Expect(s.want)
 		}
 	}
-	c.write("abc")
-	c.expect("503 5.5.1 MAIL needed first")
-	c.send(strings.Repeat("A", 9000))
-	c.expect("500 5.5.2 Line too long")
-	c.send("NOOP")
-	c.expect("250 2.0.0 OK")
+	c.Write("abc")
+	c.Expect("503 5.5.1 MAIL needed first")
+	c.Send(strings.Repeat("A", 9000))
+	c.Expect("500 5.5.2 Line too long")
+	c.Send("NOOP")
+	c.Expect("250 2.0.0 OK")
 	// SMTPUTF8 allows non-ASCII addresses.
-	c.send("MAIL FROM:<jörg@example.org> SMTPUTF8")
-	c.expect("250 2.1.0 Sender OK")
-	c.send("QUIT")
-	c.expect("221 2.0.0 usher.test closing connection")
-	if r := e.h.wait(); r != "quit" {
+	c.Send("MAIL FROM:<jörg@example.org> SMTPUTF8")
+	c.Expect("250 2.1.0 Sender OK")
+	c.Send("QUIT")
+	c.Expect("221 2.0.0 usher.test closing connection")
+	if r := e.h.Wait(); r != "quit" {
 		t.Errorf("reason %q", r)
 	}
 	if len(e.bs[0].records()) != 0 {
@@ -309,12 +311,12 @@ func TestSequenceAndSyntaxErrors(t *testing.T) {
 func TestTooManyBadCommands(t *testing.T) {
 	e := setup(t, 1, nil, nil, sessionOpts{})
 	for i := 0; i < maxBadCommands; i++ {
-		e.c.send("BOGUS")
-		e.c.expect("500 5.5.2 Command unrecognized")
+		e.c.Send("BOGUS")
+		e.c.Expect("500 5.5.2 Command unrecognized")
 	}
-	e.c.expect("421 4.7.0 usher.test Too many bad commands, closing connection")
-	e.c.expectEOF()
-	if r := e.h.wait(); r != reasonTooManyBad {
+	e.c.Expect("421 4.7.0 usher.test Too many bad commands, closing connection")
+	e.c.ExpectClosed()
+	if r := e.h.Wait(); r != reasonTooManyBad {
 		t.Errorf("reason %q", r)
 	}
 }
@@ -333,9 +335,9 @@ func TestBackendRefusesRecipient(t *testing.T) {
 					b.rcptReply = map[string]string{"carol@example.org": "450 4.2.1 try later"}
 				}
 			}, nil, sessionOpts{})
-			e.d.route("bob@example.org", e.bs[0].ip)
-			e.d.route("carol@example.org", e.bs[1].ip)
-			e.h.lhlo()
+			e.d.Route("bob@example.org", e.bs[0].ip)
+			e.d.Route("carol@example.org", e.bs[1].ip)
+			lhlo(e.h)
 			e.transaction("s@example.net", "alice@example.org", "bob@example.org", "carol@example.org")
 			got := e.data(3, "hi")
 			want := []string{saved("alice@example.org"), "550 5.1.1 <bob@example.org> User unknown", "450 4.2.1 try later"}
@@ -353,7 +355,7 @@ func TestBackendRefusesRecipient(t *testing.T) {
 			if !pipelining && slices.Contains(rec.cmds, "DATA") {
 				t.Errorf("DATA sent without accepted recipients: %q", rec.cmds)
 			}
-			if h := e.d.held(); h != 0 {
+			if h := e.d.Held(); h != 0 {
 				t.Errorf("%d leases held", h)
 			}
 		})
@@ -362,8 +364,8 @@ func TestBackendRefusesRecipient(t *testing.T) {
 
 func TestBackendDown(t *testing.T) {
 	e := setup(t, 1, nil, nil, sessionOpts{})
-	e.d.route("carol@example.org", netip.MustParseAddr("127.0.0.9")) // nothing listens there
-	e.h.lhlo()
+	e.d.Route("carol@example.org", netip.MustParseAddr("127.0.0.9")) // nothing listens there
+	lhlo(e.h)
 	e.transaction("s@example.net", "carol@example.org", "alice@example.org")
 	got := e.data(2, "hi")
 	if !strings.HasPrefix(got[0], "451 4.4.0 Backend delivery failed (connect") {
@@ -372,8 +374,8 @@ func TestBackendDown(t *testing.T) {
 	if got[1] != saved("alice@example.org") {
 		t.Errorf("reply for the working backend: %q", got[1])
 	}
-	if !strings.Contains(e.h.logs.String(), "level=WARN msg=delivery user=carol@example.org backend=127.0.0.9:") {
-		t.Errorf("no warning for the failed delivery:\n%s", e.h.logs.String())
+	if !strings.Contains(e.h.Logs.String(), "level=WARN msg=delivery user=carol@example.org backend=127.0.0.9:") {
+		t.Errorf("no warning for the failed delivery:\n%s", e.h.Logs.String())
 	}
 }
 
@@ -398,7 +400,7 @@ func TestBackendFailsDuringData(t *testing.T) {
 					tc.config(b)
 				}
 			}, func(o *Options) { o.DataTimeout = 300 * time.Millisecond }, sessionOpts{})
-			e.h.lhlo()
+			lhlo(e.h)
 			e.transaction("s@example.net", "alice@example.org", "bob@example.org")
 			start := time.Now()
 			// Large enough not to fit in socket buffers at once.
@@ -416,11 +418,11 @@ func TestBackendFailsDuringData(t *testing.T) {
 			if d := time.Since(start); d > 3*time.Second {
 				t.Errorf("delivery took %v", d)
 			}
-			if h := e.d.held(); h != 0 {
+			if h := e.d.Held(); h != 0 {
 				t.Errorf("%d leases held", h)
 			}
-			e.c.send("NOOP")
-			e.c.expect("250 2.0.0 OK")
+			e.c.Send("NOOP")
+			e.c.Expect("250 2.0.0 OK")
 		})
 	}
 }
@@ -433,9 +435,9 @@ func TestBackendReplyRelayed(t *testing.T) {
 			"dave@example.org":  "250 5.0.0 odd enhanced code",
 		}
 	}, nil, sessionOpts{})
-	e.d.route("bob@example.org", e.bs[0].ip)
-	e.d.route("carol@example.org", e.bs[0].ip)
-	e.h.lhlo()
+	e.d.Route("bob@example.org", e.bs[0].ip)
+	e.d.Route("carol@example.org", e.bs[0].ip)
+	lhlo(e.h)
 	e.transaction("s@example.net", "alice@example.org", "bob@example.org", "carol@example.org", "dave@example.org")
 	got := e.data(4, "hi")
 	want := []string{
@@ -451,52 +453,52 @@ func TestBackendReplyRelayed(t *testing.T) {
 
 func TestDirectorUnavailable(t *testing.T) {
 	e := setup(t, 3, nil, nil, sessionOpts{})
-	e.d.failUser("bob@example.org", proxy.ErrUnavailable)
-	e.h.lhlo()
-	e.c.send("MAIL FROM:<s@example.net>")
-	e.c.expect("250 2.1.0 Sender OK")
-	e.c.send("RCPT TO:<alice@example.org>")
-	e.c.expect("250 2.1.5 Recipient OK")
-	e.c.send("RCPT TO:<bob@example.org>")
-	e.c.expect("451 4.4.0 No backend available, try again later")
-	e.c.send("RCPT TO:<carol@example.org>")
-	e.c.expect("250 2.1.5 Recipient OK")
+	e.d.FailUser("bob@example.org", proxy.ErrUnavailable)
+	lhlo(e.h)
+	e.c.Send("MAIL FROM:<s@example.net>")
+	e.c.Expect("250 2.1.0 Sender OK")
+	e.c.Send("RCPT TO:<alice@example.org>")
+	e.c.Expect("250 2.1.5 Recipient OK")
+	e.c.Send("RCPT TO:<bob@example.org>")
+	e.c.Expect("451 4.4.0 No backend available, try again later")
+	e.c.Send("RCPT TO:<carol@example.org>")
+	e.c.Expect("250 2.1.5 Recipient OK")
 	got := e.data(2, "hi")
 	if want := []string{saved("alice@example.org"), saved("carol@example.org")}; !slices.Equal(got, want) {
 		t.Errorf("replies %q, want %q", got, want)
 	}
 	// Exactly one reply per accepted recipient: the next line answers NOOP.
-	e.c.send("NOOP")
-	e.c.expect("250 2.0.0 OK")
+	e.c.Send("NOOP")
+	e.c.Expect("250 2.0.0 OK")
 	if n := len(e.bs[1].records()); n != 0 {
 		t.Errorf("bob's backend contacted %d times", n)
 	}
-	if !strings.Contains(e.h.logs.String(), "msg=recipient user=bob@example.org result=451") {
-		t.Errorf("no log line for the refused recipient:\n%s", e.h.logs.String())
+	if !strings.Contains(e.h.Logs.String(), "msg=recipient user=bob@example.org result=451") {
+		t.Errorf("no log line for the refused recipient:\n%s", e.h.Logs.String())
 	}
 	// Only refused recipients: DATA fails.
-	e.c.send("MAIL FROM:<s@example.net>", "RCPT TO:<bob@example.org>", "DATA")
-	e.c.expect("250 2.1.0 Sender OK")
-	e.c.expect("451 4.4.0 No backend available, try again later")
-	e.c.expect("503 5.5.1 No valid recipients")
+	e.c.Send("MAIL FROM:<s@example.net>", "RCPT TO:<bob@example.org>", "DATA")
+	e.c.Expect("250 2.1.0 Sender OK")
+	e.c.Expect("451 4.4.0 No backend available, try again later")
+	e.c.Expect("503 5.5.1 No valid recipients")
 }
 
 func TestPipelining(t *testing.T) {
 	e := setup(t, 3, nil, nil, sessionOpts{})
-	if ext := e.h.lhlo(); !hasExt(ext, "PIPELINING") {
+	if ext := lhlo(e.h); !hasExt(ext, "PIPELINING") {
 		t.Fatalf("PIPELINING not advertised: %q", ext)
 	}
-	e.c.write("MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n")
-	e.c.expect("250 2.1.0 Sender OK")
-	e.c.expect("250 2.1.5 Recipient OK")
-	e.c.expect("250 2.1.5 Recipient OK")
-	e.c.expectPrefix("354 ")
-	e.c.write(stuff(testMessage...) + ".\r\nRSET\r\nQUIT\r\n")
-	e.c.expect(saved("alice@example.org"))
-	e.c.expect(saved("carol@example.org"))
-	e.c.expect("250 2.0.0 Reset OK")
-	e.c.expect("221 2.0.0 usher.test closing connection")
-	e.c.expectEOF()
+	e.c.Write("MAIL FROM:<s@example.net>\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<carol@example.org>\r\nDATA\r\n")
+	e.c.Expect("250 2.1.0 Sender OK")
+	e.c.Expect("250 2.1.5 Recipient OK")
+	e.c.Expect("250 2.1.5 Recipient OK")
+	e.c.ExpectPrefix("354 ")
+	e.c.Write(stuff(testMessage...) + ".\r\nRSET\r\nQUIT\r\n")
+	e.c.Expect(saved("alice@example.org"))
+	e.c.Expect(saved("carol@example.org"))
+	e.c.Expect("250 2.0.0 Reset OK")
+	e.c.Expect("221 2.0.0 usher.test closing connection")
+	e.c.ExpectClosed()
 	if string(e.bs[2].records()[0].data) != stuff(testMessage...) {
 		t.Errorf("carol's backend got %q", e.bs[2].records()[0].data)
 	}
@@ -504,7 +506,7 @@ func TestPipelining(t *testing.T) {
 
 func TestDotStuffingAndLineEnds(t *testing.T) {
 	e := setup(t, 1, nil, nil, sessionOpts{})
-	e.h.lhlo()
+	lhlo(e.h)
 	e.transaction("s@example.net", "alice@example.org")
 	lines := []string{".", "..", "...", ".x", "a.", "", " .", "end"}
 	if got := e.data(1, lines...); got[0] != saved("alice@example.org") {
@@ -515,10 +517,10 @@ func TestDotStuffingAndLineEnds(t *testing.T) {
 	}
 	// Bare LF line ends reach the backend as CRLF.
 	e.transaction("s@example.net", "alice@example.org")
-	e.c.send("DATA")
-	e.c.expectPrefix("354 ")
-	e.c.write("a\nb\r\n..c\n.\r\n")
-	e.c.expect(saved("alice@example.org"))
+	e.c.Send("DATA")
+	e.c.ExpectPrefix("354 ")
+	e.c.Write("a\nb\r\n..c\n.\r\n")
+	e.c.Expect(saved("alice@example.org"))
 	if got, want := string(e.bs[0].records()[1].data), "a\r\nb\r\n..c\r\n"; got != want {
 		t.Errorf("backend got %q, want %q", got, want)
 	}
@@ -545,7 +547,7 @@ func TestLargeMessageSpool(t *testing.T) {
 	}
 	e := setup(t, 3, func(i int, b *fakeBackend) { b.onData = onData },
 		func(o *Options) { o.SpoolDir = dir; o.MaxMessageSize = 8 << 20 }, sessionOpts{})
-	e.h.lhlo()
+	lhlo(e.h)
 
 	// A small message stays in memory.
 	e.transaction("s@example.net", "alice@example.org")
@@ -623,16 +625,16 @@ func TestXCLIENT(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			e := setup(t, 1, func(i int, b *fakeBackend) { b.xclient = tc.xclient }, nil, sessionOpts{})
-			e.h.lhlo()
+			lhlo(e.h)
 			e.transaction("s@example.net", "alice@example.org")
 			if got := e.data(1, "hi"); got[0] != saved("alice@example.org") {
 				t.Fatalf("reply %q", got)
 			}
-			waitFor(t, "QUIT", func() bool { return slices.Contains(e.bs[0].records()[0].cmds, "QUIT") })
+			testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return slices.Contains(e.bs[0].records()[0].cmds, "QUIT") })
 			cmds := e.bs[0].records()[0].cmds
 			var want []string
 			if tc.want != nil {
-				port := strconv.Itoa(int(e.h.sess.Remote.Port()))
+				port := strconv.Itoa(int(e.h.Sess.Remote.Port()))
 				want = []string{"LHLO usher.test", tc.want(port), "LHLO usher.test"}
 			} else {
 				want = []string{"LHLO usher.test"}
@@ -646,8 +648,8 @@ func TestXCLIENT(t *testing.T) {
 }
 
 func TestBackendSTARTTLS(t *testing.T) {
-	cert, pool := testCert(t)
-	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	pki := testutil.LoopbackPKI(t)
+	srvTLS, pool := pki.Server, pki.Pool
 	e := setup(t, 2, func(i int, b *fakeBackend) {
 		if i == 0 {
 			b.tls = srvTLS
@@ -657,7 +659,7 @@ func TestBackendSTARTTLS(t *testing.T) {
 		o.Backend.TLS = config.TLSStartTLS
 		o.Backend.TLSConfig = &tls.Config{RootCAs: pool}
 	}, sessionOpts{})
-	e.h.lhlo()
+	lhlo(e.h)
 	e.transaction("s@example.net", "alice@example.org", "bob@example.org")
 	got := e.data(2, "secret")
 	if got[0] != saved("alice@example.org") {
@@ -667,7 +669,7 @@ func TestBackendSTARTTLS(t *testing.T) {
 	if !strings.HasPrefix(got[1], "451 4.4.0 Backend delivery failed (STARTTLS)") {
 		t.Errorf("backend without STARTTLS: %q", got[1])
 	}
-	waitFor(t, "QUIT", func() bool { return slices.Contains(e.bs[0].records()[0].cmds, "+TLS QUIT") })
+	testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return slices.Contains(e.bs[0].records()[0].cmds, "+TLS QUIT") })
 	cmds := e.bs[0].records()[0].cmds
 	if len(cmds) < 4 || cmds[0] != "LHLO usher.test" || cmds[1] != "STARTTLS" || cmds[2] != "+TLS LHLO usher.test" ||
 		!strings.HasPrefix(cmds[3], "+TLS XCLIENT HELO=client.example TTL=4 PORT=") {
@@ -684,83 +686,83 @@ func TestBackendSTARTTLS(t *testing.T) {
 }
 
 func TestClientSTARTTLS(t *testing.T) {
-	cert, pool := testCert(t)
-	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	pki := testutil.LoopbackPKI(t)
+	srvTLS, pool := pki.Server, pki.Pool
 	so := sessionOpts{mode: config.TLSStartTLS, tls: srvTLS}
 
 	t.Run("upgrade", func(t *testing.T) {
 		e := setup(t, 1, nil, nil, so)
-		if ext := e.h.lhlo(); !hasExt(ext, "STARTTLS") {
+		if ext := lhlo(e.h); !hasExt(ext, "STARTTLS") {
 			t.Fatalf("STARTTLS not offered: %q", ext)
 		}
 		e.transaction("s@example.net", "alice@example.org")
-		e.c.send("STARTTLS")
-		e.c.expect("220 2.0.0 Ready to start TLS")
-		e.c.startTLS(pool)
-		if e.d.held() != 0 {
+		e.c.Send("STARTTLS")
+		e.c.Expect("220 2.0.0 Ready to start TLS")
+		e.c.StartTLS(pool)
+		if e.d.Held() != 0 {
 			t.Error("STARTTLS did not end the transaction")
 		}
 		// RFC 3207 section 4.2: LHLO again.
-		e.c.send("MAIL FROM:<s@example.net>")
-		e.c.expect("503 5.5.1 Send LHLO first")
-		if ext := e.h.lhlo(); hasExt(ext, "STARTTLS") {
+		e.c.Send("MAIL FROM:<s@example.net>")
+		e.c.Expect("503 5.5.1 Send LHLO first")
+		if ext := lhlo(e.h); hasExt(ext, "STARTTLS") {
 			t.Errorf("STARTTLS offered after TLS: %q", ext)
 		}
-		e.c.send("STARTTLS")
-		e.c.expect("503 5.5.1 TLS already active")
+		e.c.Send("STARTTLS")
+		e.c.Expect("503 5.5.1 TLS already active")
 		e.transaction("s@example.net", "alice@example.org")
 		if got := e.data(1, "over tls"); got[0] != saved("alice@example.org") {
 			t.Errorf("reply %q", got)
 		}
-		if !e.h.sess.Secure {
+		if !e.h.Sess.Secure {
 			t.Error("session not marked secure")
 		}
 	})
 	t.Run("injection", func(t *testing.T) {
 		e := setup(t, 1, nil, nil, so)
-		e.h.lhlo()
-		e.c.write("STARTTLS\r\nMAIL FROM:<evil@example.net>\r\n")
-		e.c.expect("554 5.5.1 STARTTLS must be the last command in a pipelined group")
-		e.c.expectEOF()
-		if r := e.h.wait(); r != reasonTLSInject {
+		lhlo(e.h)
+		e.c.Write("STARTTLS\r\nMAIL FROM:<evil@example.net>\r\n")
+		e.c.Expect("554 5.5.1 STARTTLS must be the last command in a pipelined group")
+		e.c.ExpectClosed()
+		if r := e.h.Wait(); r != reasonTLSInject {
 			t.Errorf("reason %q", r)
 		}
 	})
 	t.Run("not offered", func(t *testing.T) {
 		e := setup(t, 1, nil, nil, sessionOpts{})
-		if ext := e.h.lhlo(); hasExt(ext, "STARTTLS") {
+		if ext := lhlo(e.h); hasExt(ext, "STARTTLS") {
 			t.Errorf("STARTTLS offered without TLS: %q", ext)
 		}
-		e.c.send("STARTTLS")
-		e.c.expect("502 5.5.1 STARTTLS not available")
+		e.c.Send("STARTTLS")
+		e.c.Expect("502 5.5.1 STARTTLS not available")
 	})
 }
 
 func TestLeasesReleased(t *testing.T) {
 	t.Run("held during delivery", func(t *testing.T) {
-		var during []int32
+		var during []int
 		var mu sync.Mutex
-		var d *fakeDirector
+		var d *proxytest.Director
 		e := setup(t, 2, func(i int, b *fakeBackend) {
 			b.onData = func() {
 				mu.Lock()
-				during = append(during, d.held())
+				during = append(during, d.Held())
 				mu.Unlock()
 			}
 		}, nil, sessionOpts{})
 		mu.Lock()
 		d = e.d
 		mu.Unlock()
-		e.h.lhlo()
+		lhlo(e.h)
 		e.transaction("s@example.net", "alice@example.org", "bob@example.org")
 		e.data(2, "x")
 		mu.Lock()
 		defer mu.Unlock()
-		if !slices.Equal(during, []int32{2, 2}) {
+		if !slices.Equal(during, []int{2, 2}) {
 			t.Errorf("leases held during delivery: %v, want [2 2]", during)
 		}
-		if e.d.held() != 0 || e.d.acquired.Load() != 2 {
-			t.Errorf("acquired %d, released %d", e.d.acquired.Load(), e.d.released.Load())
+		if e.d.Held() != 0 || e.d.Acquired() != 2 {
+			t.Errorf("acquired %d, released %d", e.d.Acquired(), e.d.Released())
 		}
 	})
 	t.Run("kicked during delivery", func(t *testing.T) {
@@ -771,32 +773,30 @@ func TestLeasesReleased(t *testing.T) {
 		e := setup(t, 1, func(i int, b *fakeBackend) {
 			b.onData = func() { once.Do(func() { close(kick) }) }
 		}, nil, sessionOpts{})
-		e.d.mu.Lock()
-		e.d.done = kick
-		e.d.mu.Unlock()
-		e.h.lhlo()
+		e.d.SetDone(kick)
+		lhlo(e.h)
 		e.transaction("s@example.net", "alice@example.org", "dave@example.org")
 		if got := e.data(2, "x"); got[0] != saved("alice@example.org") || got[1] != saved("dave@example.org") {
 			t.Errorf("replies %q", got)
 		}
-		if e.d.held() != 0 {
-			t.Errorf("%d leases held", e.d.held())
+		if e.d.Held() != 0 {
+			t.Errorf("%d leases held", e.d.Held())
 		}
-		e.c.send("NOOP")
-		e.c.expect("250 2.0.0 OK")
+		e.c.Send("NOOP")
+		e.c.Expect("250 2.0.0 OK")
 	})
 	ends := []struct {
 		name string
 		end  func(e *env)
 	}{
-		{"RSET", func(e *env) { e.c.send("RSET"); e.c.expect("250 2.0.0 Reset OK") }},
-		{"LHLO", func(e *env) { e.h.lhlo() }},
-		{"QUIT", func(e *env) { e.c.send("QUIT"); e.c.expectPrefix("221 "); e.h.wait() }},
-		{"disconnect", func(e *env) { e.c.conn.Close(); e.h.wait() }},
+		{"RSET", func(e *env) { e.c.Send("RSET"); e.c.Expect("250 2.0.0 Reset OK") }},
+		{"LHLO", func(e *env) { lhlo(e.h) }},
+		{"QUIT", func(e *env) { e.c.Send("QUIT"); e.c.ExpectPrefix("221 "); e.h.Wait() }},
+		{"disconnect", func(e *env) { e.c.Conn.Close(); e.h.Wait() }},
 		{"shutdown", func(e *env) {
-			e.h.cancel()
-			e.c.expect("421 4.3.2 usher.test Server shutting down")
-			if r := e.h.wait(); r != "shutdown" {
+			e.h.Cancel()
+			e.c.Expect("421 4.3.2 usher.test Server shutting down")
+			if r := e.h.Wait(); r != "shutdown" {
 				e.t.Errorf("reason %q", r)
 			}
 		}},
@@ -804,15 +804,15 @@ func TestLeasesReleased(t *testing.T) {
 	for _, tc := range ends {
 		t.Run(tc.name, func(t *testing.T) {
 			e := setup(t, 2, nil, nil, sessionOpts{})
-			e.h.lhlo()
+			lhlo(e.h)
 			e.transaction("s@example.net", "alice@example.org", "bob@example.org")
-			if e.d.held() != 2 {
-				t.Fatalf("%d leases held", e.d.held())
+			if e.d.Held() != 2 {
+				t.Fatalf("%d leases held", e.d.Held())
 			}
 			tc.end(e)
-			waitFor(t, "leases released", func() bool { return e.d.held() == 0 })
-			if e.d.released.Load() != 2 {
-				t.Errorf("released %d", e.d.released.Load())
+			testutil.WaitFor(t, testTimeout, "leases released", func() bool { return e.d.Held() == 0 })
+			if e.d.Released() != 2 {
+				t.Errorf("released %d", e.d.Released())
 			}
 		})
 	}
@@ -820,8 +820,8 @@ func TestLeasesReleased(t *testing.T) {
 
 func TestBDAT(t *testing.T) {
 	e := setup(t, 3, nil, func(o *Options) { o.MaxMessageSize = 1000 }, sessionOpts{})
-	e.d.failUser("bob@example.org", proxy.ErrUnavailable)
-	if ext := e.h.lhlo(); !hasExt(ext, "CHUNKING") {
+	e.d.FailUser("bob@example.org", proxy.ErrUnavailable)
+	if ext := lhlo(e.h); !hasExt(ext, "CHUNKING") {
 		t.Fatalf("CHUNKING not advertised: %q", ext)
 	}
 	e.transaction("s@example.net", "alice@example.org", "carol@example.org")
@@ -829,11 +829,11 @@ func TestBDAT(t *testing.T) {
 	// missing final line end are repaired.
 	chunk1 := "Subject: x\r\n.dot\r"
 	chunk2 := "\n.after split\nbare lf\r\nno final newline"
-	e.c.write(fmt.Sprintf("BDAT %d\r\n%s", len(chunk1), chunk1))
-	e.c.expect(fmt.Sprintf("250 2.0.0 %d octets received", len(chunk1)))
-	e.c.write(fmt.Sprintf("BDAT %d LAST\r\n%s", len(chunk2), chunk2))
-	e.c.expect(saved("alice@example.org"))
-	e.c.expect(saved("carol@example.org"))
+	e.c.Write(fmt.Sprintf("BDAT %d\r\n%s", len(chunk1), chunk1))
+	e.c.Expect(fmt.Sprintf("250 2.0.0 %d octets received", len(chunk1)))
+	e.c.Write(fmt.Sprintf("BDAT %d LAST\r\n%s", len(chunk2), chunk2))
+	e.c.Expect(saved("alice@example.org"))
+	e.c.Expect(saved("carol@example.org"))
 	want := "Subject: x\r\n..dot\r\n..after split\r\nbare lf\r\nno final newline\r\n"
 	for _, i := range []int{0, 2} {
 		if got := string(e.bs[i].records()[0].data); got != want {
@@ -843,58 +843,58 @@ func TestBDAT(t *testing.T) {
 
 	// DATA after BDAT is a bad sequence.
 	e.transaction("s@example.net", "alice@example.org")
-	e.c.write("BDAT 2\r\nhi")
-	e.c.expect("250 2.0.0 2 octets received")
-	e.c.send("DATA")
-	e.c.expect("503 5.5.1 Bad sequence of commands")
-	e.c.send("RSET")
-	e.c.expect("250 2.0.0 Reset OK")
+	e.c.Write("BDAT 2\r\nhi")
+	e.c.Expect("250 2.0.0 2 octets received")
+	e.c.Send("DATA")
+	e.c.Expect("503 5.5.1 Bad sequence of commands")
+	e.c.Send("RSET")
+	e.c.Expect("250 2.0.0 Reset OK")
 
 	// Too big: the chunk is consumed, the transaction fails until RSET.
 	e.transaction("s@example.net", "alice@example.org")
-	e.c.write("BDAT 1001\r\n" + strings.Repeat("x", 1001))
-	e.c.expect("552 5.3.4 Message size exceeds fixed maximum message size")
-	e.c.write("BDAT 3 LAST\r\nabc")
-	e.c.expect("503 5.5.1 Previous data chunk failed, issue RSET first")
-	e.c.send("RSET")
-	e.c.expect("250 2.0.0 Reset OK")
+	e.c.Write("BDAT 1001\r\n" + strings.Repeat("x", 1001))
+	e.c.Expect("552 5.3.4 Message size exceeds fixed maximum message size")
+	e.c.Write("BDAT 3 LAST\r\nabc")
+	e.c.Expect("503 5.5.1 Previous data chunk failed, issue RSET first")
+	e.c.Send("RSET")
+	e.c.Expect("250 2.0.0 Reset OK")
 
 	// BDAT LAST without a successful RCPT has no replies at all.
-	e.c.send("MAIL FROM:<s@example.net>", "RCPT TO:<bob@example.org>")
-	e.c.expect("250 2.1.0 Sender OK")
-	e.c.expect("451 4.4.0 No backend available, try again later")
-	e.c.write("BDAT 5 LAST\r\nhello")
-	e.c.send("NOOP")
-	e.c.expect("250 2.0.0 OK")
-	if e.d.held() != 0 {
-		t.Errorf("%d leases held", e.d.held())
+	e.c.Send("MAIL FROM:<s@example.net>", "RCPT TO:<bob@example.org>")
+	e.c.Expect("250 2.1.0 Sender OK")
+	e.c.Expect("451 4.4.0 No backend available, try again later")
+	e.c.Write("BDAT 5 LAST\r\nhello")
+	e.c.Send("NOOP")
+	e.c.Expect("250 2.0.0 OK")
+	if e.d.Held() != 0 {
+		t.Errorf("%d leases held", e.d.Held())
 	}
 
 	// A malformed BDAT cannot be skipped: 501 and close.
-	e.c.send("BDAT many")
-	e.c.expect("501 5.5.4 Syntax: BDAT size [LAST]")
-	e.c.expectEOF()
+	e.c.Send("BDAT many")
+	e.c.Expect("501 5.5.4 Syntax: BDAT size [LAST]")
+	e.c.ExpectClosed()
 }
 
 func TestTimeouts(t *testing.T) {
 	t.Run("idle", func(t *testing.T) {
 		e := setup(t, 1, nil, func(o *Options) { o.IdleTimeout = 200 * time.Millisecond }, sessionOpts{})
-		e.c.expect("421 4.4.2 usher.test Timeout exceeded, closing connection")
-		e.c.expectEOF()
-		if r := e.h.wait(); r != "idle timeout" {
+		e.c.Expect("421 4.4.2 usher.test Timeout exceeded, closing connection")
+		e.c.ExpectClosed()
+		if r := e.h.Wait(); r != "idle timeout" {
 			t.Errorf("reason %q", r)
 		}
 	})
 	t.Run("data", func(t *testing.T) {
 		e := setup(t, 1, nil, func(o *Options) { o.DataTimeout = 200 * time.Millisecond }, sessionOpts{})
-		e.h.lhlo()
+		lhlo(e.h)
 		e.transaction("s@example.net", "alice@example.org")
-		e.c.send("DATA")
-		e.c.expectPrefix("354 ")
-		e.c.write("partial line")
-		e.c.expect("421 4.4.2 usher.test Timeout exceeded, closing connection")
-		e.h.wait()
-		if e.d.held() != 0 {
+		e.c.Send("DATA")
+		e.c.ExpectPrefix("354 ")
+		e.c.Write("partial line")
+		e.c.Expect("421 4.4.2 usher.test Timeout exceeded, closing connection")
+		e.h.Wait()
+		if e.d.Held() != 0 {
 			t.Error("lease held after the timeout")
 		}
 		if n := len(e.bs[0].records()); n != 0 {
@@ -919,10 +919,10 @@ func TestDefaults(t *testing.T) {
 
 func TestMaxRecipients(t *testing.T) {
 	e := setup(t, 1, nil, func(o *Options) { o.MaxRecipients = 2 }, sessionOpts{})
-	e.h.lhlo()
+	lhlo(e.h)
 	e.transaction("s@example.net", "alice@example.org", "dave@example.org")
-	e.c.send("RCPT TO:<alice@example.org>")
-	e.c.expect("452 4.5.3 Too many recipients")
+	e.c.Send("RCPT TO:<alice@example.org>")
+	e.c.Expect("452 4.5.3 Too many recipients")
 	if got := e.data(2, "x"); got[1] != saved("dave@example.org") {
 		t.Errorf("replies %q", got)
 	}

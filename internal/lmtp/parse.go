@@ -376,22 +376,3 @@ func parseHelo(arg string) (string, bool) {
 	}
 	return name, true
 }
-
-// xtext encodes s as RFC 3461 section 4 xtext, the form of XCLIENT values
-// (Postfix XCLIENT_README; Dovecot smtp_xtext_parse): "+", "=" and octets
-// outside "!".."~" become "+" and two upper-case hex digits.
-func xtext(s string) string {
-	const hex = "0123456789ABCDEF"
-	var sb strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= '!' && c <= '~' && c != '+' && c != '=' {
-			sb.WriteByte(c)
-			continue
-		}
-		sb.WriteByte('+')
-		sb.WriteByte(hex[c>>4])
-		sb.WriteByte(hex[c&15])
-	}
-	return sb.String()
-}

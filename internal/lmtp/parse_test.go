@@ -168,12 +168,6 @@ func TestParseHelo(t *testing.T) {
 	}
 }
 
-func TestXtext(t *testing.T) {
-	if got, want := xtext("a+b=c d\x01é"), "a+2Bb+3Dc+20d+01+C3+A9"; got != want {
-		t.Errorf("xtext = %q, want %q", got, want)
-	}
-}
-
 func TestXclientLine(t *testing.T) {
 	sess := &proxy.Session{ID: "abc", Remote: netip.MustParseAddrPort("[2001:db8::1]:4000")}
 	all := "ADDR PORT HELO TTL SESSION LOGIN"

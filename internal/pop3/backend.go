@@ -2,29 +2,21 @@ package pop3
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
+	"github.com/usher-mail/usher/internal/xclient"
 )
 
 const (
-	// proxyTTL is the hop budget a login starts with, as Dovecot's
-	// LOGIN_PROXY_TTL (5 in 2.3). Like Dovecot's proxy, usher sends one less
-	// to the backend, so two proxies pointing at each other give up after a
-	// few hops instead of looping.
-	proxyTTL = 5
-	// maxSessionID is Dovecot's LOGIN_MAX_SESSION_ID_LEN; longer IDs are
-	// silently ignored by XCLIENT, so usher leaves them out.
-	maxSessionID = 64
 	// maxCommandLine is RFC 2449 section 4's limit on a command line
 	// including CRLF; RFC 5034 section 4 says an AUTH whose initial response
 	// would exceed it goes without one and answers the "+ " challenge.
@@ -110,40 +102,12 @@ func greetingXCLIENT(greeting string) bool {
 }
 
 // xclientLine builds Dovecot's XCLIENT command (pop3-login cmd_xclient: ADDR,
-// PORT, SESSION, TTL), so the backend logs and rate-limits the real client
-// instead of the director, and ties its log lines to usher's session ID.
+// PORT, SESSION, TTL, values as they are, a session ID of printable ASCII),
+// so the backend logs and rate-limits the real client instead of the
+// director, and ties its log lines to usher's session ID.
 func xclientLine(sess *proxy.Session) string {
-	var sb strings.Builder
-	sb.WriteString("XCLIENT")
-	if sess.Remote.IsValid() {
-		// Dovecot parses ADDR with net_addr2ip: a bare address, no zone,
-		// IPv4-mapped IPv6 shown as IPv4.
-		sb.WriteString(" ADDR=")
-		sb.WriteString(sess.Remote.Addr().Unmap().WithZone("").String())
-		if p := sess.Remote.Port(); p != 0 {
-			sb.WriteString(" PORT=")
-			sb.WriteString(strconv.Itoa(int(p)))
-		}
-	}
-	if validSessionID(sess.ID) {
-		sb.WriteString(" SESSION=")
-		sb.WriteString(sess.ID)
-	}
-	sb.WriteString(" TTL=")
-	sb.WriteString(strconv.Itoa(proxyTTL - 1))
-	return sb.String()
-}
-
-func validSessionID(id string) bool {
-	if id == "" || len(id) > maxSessionID {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		if id[i] <= ' ' || id[i] >= 0x7f {
-			return false
-		}
-	}
-	return true
+	a := xclient.For(sess.Remote, sess.ID, xclient.Printable)
+	return xclient.Line([]xclient.Attr{a.Addr, a.Port, a.Session, a.TTL}, nil)
 }
 
 // backendLogin connects to the backend at ip and replays the client's login.
@@ -271,7 +235,7 @@ func (b *backend) userPass(cr *credentials) (string, error) {
 // response, unless that would make the line longer than 255 octets, in which
 // case the response follows the server's empty challenge.
 func (b *backend) authPlain(msg []byte) (string, error) {
-	resp := base64.StdEncoding.EncodeToString(msg)
+	resp := sasl.EncodeResponse(msg)
 	line := "AUTH PLAIN " + resp
 	var reply string
 	var err error

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"log/slog"
+
+	"github.com/usher-mail/usher/internal/sasl"
 )
 
 // maxKeyword bounds a command keyword. RFC 1939 section 3 keywords are three
@@ -99,20 +102,17 @@ func parsePlain(msg []byte) (*credentials, error) {
 	if len(msg) == 0 {
 		return nil, errEmptyPlain
 	}
-	parts := bytes.Split(msg, []byte{0})
-	if len(parts) != 3 {
-		return nil, errBadPlain
+	authzid, authcid, _, err := sasl.DecodePlain(msg)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errBadPlain, err)
 	}
-	authzid, authcid, passwd := parts[0], parts[1], parts[2]
-	if len(authcid) == 0 || len(passwd) == 0 {
-		return nil, errBadPlain
-	}
+	// The message is replayed as it is; CR or LF would not fit a POP3 line.
 	if bytes.ContainsAny(msg, "\r\n") {
 		return nil, errBadPlain
 	}
 	user := authcid
-	if len(authzid) > 0 {
+	if authzid != "" {
 		user = authzid
 	}
-	return &credentials{user: string(user), plain: bytes.Clone(msg)}, nil
+	return &credentials{user: user, plain: bytes.Clone(msg)}, nil
 }

@@ -3,65 +3,17 @@ package pop3
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"log/slog"
-	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 )
-
-// memConn is a net.Conn whose reads come from a fixed input (then EOF) and
-// whose writes are collected. Deadlines are accepted and ignored: reads
-// never block.
-type memConn struct {
-	mu     sync.Mutex
-	in     *bytes.Reader
-	out    bytes.Buffer
-	closed bool
-}
-
-func (m *memConn) Read(p []byte) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, net.ErrClosed
-	}
-	return m.in.Read(p)
-}
-
-func (m *memConn) Write(p []byte) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return 0, net.ErrClosed
-	}
-	return m.out.Write(p)
-}
-
-func (m *memConn) Close() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.closed = true
-	return nil
-}
-
-func (m *memConn) output() []byte {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return bytes.Clone(m.out.Bytes())
-}
-
-func (m *memConn) LocalAddr() net.Addr              { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 110} }
-func (m *memConn) RemoteAddr() net.Addr             { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2), Port: 4000} }
-func (m *memConn) SetDeadline(time.Time) error      { return nil }
-func (m *memConn) SetReadDeadline(time.Time) error  { return nil }
-func (m *memConn) SetWriteDeadline(time.Time) error { return nil }
 
 // In FuzzPreLogin lines are capped at fuzzMaxLine, so short inputs reach
 // the overlong-line path, and inputs at maxFuzzInput: the fuzzer's
@@ -78,8 +30,8 @@ const (
 // everything usher writes before any TLS handshake must be CRLF-terminated
 // lines starting with the greeting.
 func FuzzPreLogin(f *testing.F) {
-	cert, _ := testCert(f)
-	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	srvTLS := testutil.LoopbackPKI(f).Server
+	local, remote := netip.MustParseAddrPort("127.0.0.1:110"), netip.MustParseAddrPort("127.0.0.2:4000")
 	discard := slog.New(slog.DiscardHandler)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if len(data) > maxFuzzInput {
@@ -90,13 +42,13 @@ func FuzzPreLogin(f *testing.F) {
 		if len(data) > 0 {
 			flags, data = data[0], data[1:]
 		}
-		conn := &memConn{in: bytes.NewReader(data)}
+		conn := testutil.NewMemConn(data, local, remote)
 		sess := &proxy.Session{
 			ID:      "fuzz",
 			Proto:   "pop3",
 			Conn:    conn,
-			Remote:  netip.MustParseAddrPort("127.0.0.2:4000"),
-			Local:   netip.MustParseAddrPort("127.0.0.1:110"),
+			Remote:  remote,
+			Local:   local,
 			Log:     discard,
 			Trusted: flags&4 != 0,
 			TLSMode: config.TLSNone,
@@ -108,12 +60,13 @@ func FuzzPreLogin(f *testing.F) {
 			// As after the listener's implicit handshake.
 			sess.TLSMode, sess.TLSConfig, sess.Secure = config.TLSImplicit, srvTLS, true
 		}
-		d := &fakeDirector{err: proxy.ErrUnavailable}
+		d := proxytest.NewDirector(netip.Addr{})
+		d.SetErr(proxy.ErrUnavailable)
 		srv := New(Options{Director: d, IdleTimeout: time.Second,
 			Backend: proxy.BackendOptions{Port: 110, LoginTimeout: time.Second}})
 		srv.maxLine = fuzzMaxLine
 
-		// Synchronous: memConn reads never block and the Director answers
+		// Synchronous: MemConn reads never block and the Director answers
 		// at once, so Serve must return by itself (a hang fails the run by
 		// its timeout). A goroutine and timer here would make coverage
 		// depend on scheduling and stall the fuzzer's minimization.
@@ -121,11 +74,11 @@ func FuzzPreLogin(f *testing.F) {
 		if reason == "" {
 			t.Fatal("empty reason")
 		}
-		if d.acquired.Load() != 0 {
+		if d.Acquired() != 0 {
 			t.Fatal("lease acquired from a refusing director")
 		}
 
-		out := conn.output()
+		out := conn.Output()
 		// After "+OK Begin TLS ..." the bytes are TLS records.
 		if i := bytes.Index(out, []byte(replyBeginTLS+"\r\n")); i >= 0 {
 			out = out[:i+len(replyBeginTLS)+2]
@@ -141,7 +94,7 @@ func FuzzPreLogin(f *testing.F) {
 				t.Fatalf("bad output line %q", line)
 			}
 		}
-		if !sess.Trusted && !sess.Secure && len(d.userList()) > 0 {
+		if !sess.Trusted && !sess.Secure && len(d.Users()) > 0 {
 			t.Fatalf("plaintext login attempted on an insecure untrusted session")
 		}
 	})
@@ -202,5 +155,3 @@ func FuzzParseCommand(f *testing.F) {
 		}
 	})
 }
-
-var _ net.Conn = (*memConn)(nil)

@@ -14,11 +14,13 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 )
 
 func TestCapabilities(t *testing.T) {
-	cert, _ := testCert(t)
-	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	pki := testutil.LoopbackPKI(t)
+	srvTLS := pki.Server
 	base := []string{"RESP-CODES", "AUTH-RESP-CODE", "IMPLEMENTATION usher"}
 	tests := []struct {
 		name string
@@ -36,20 +38,20 @@ func TestCapabilities(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			h := startSession(t, options(nil, newDirector()), tt.so)
-			h.c.send("CAPA")
-			h.c.expect("+OK Capability list follows")
-			if got := h.c.multi(); !slices.Equal(got, tt.want) {
+			h.Client.Send("CAPA")
+			h.Client.Expect("+OK Capability list follows")
+			if got := multi(h.Client); !slices.Equal(got, tt.want) {
 				t.Errorf("CAPA = %q, want %q", got, tt.want)
 			}
-			h.c.send("auth") // keywords are case-insensitive
-			h.c.expectPrefix("+OK")
-			if got := h.c.multi(); !slices.Equal(got, tt.mech) {
+			h.Client.Send("auth") // keywords are case-insensitive
+			h.Client.ExpectPrefix("+OK")
+			if got := multi(h.Client); !slices.Equal(got, tt.mech) {
 				t.Errorf("AUTH list = %q, want %q", got, tt.mech)
 			}
-			h.c.send("QUIT")
-			h.c.expect("+OK Logging out.")
-			h.c.expectEOF()
-			if r := h.wait(); r != "logout" {
+			h.Client.Send("QUIT")
+			h.Client.Expect("+OK Logging out.")
+			h.Client.ExpectClosed()
+			if r := h.Wait(); r != "logout" {
 				t.Errorf("reason %q, want logout", r)
 			}
 		})
@@ -61,39 +63,39 @@ func TestUserPassLoginXCLIENTFromGreeting(t *testing.T) {
 	d := newDirector()
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
 
-	h.c.send("USER alice")
-	h.c.expect("+OK")
-	h.c.send("PASS secret")
-	h.c.expect("+OK Logged in.")
+	h.Client.Send("USER alice")
+	h.Client.Expect("+OK")
+	h.Client.Send("PASS secret")
+	h.Client.Expect("+OK Logged in.")
 	// Spliced: lines reach the backend and its answers come back.
-	h.c.send("STAT")
-	h.c.expect("+OK echo STAT")
-	h.c.send("QUIT")
-	h.c.expect("+OK bye")
-	h.c.expectEOF()
-	h.c.conn.Close() // Splice waits for both directions to end
+	h.Client.Send("STAT")
+	h.Client.Expect("+OK echo STAT")
+	h.Client.Send("QUIT")
+	h.Client.Expect("+OK bye")
+	h.Client.ExpectClosed()
+	h.Client.Conn.Close() // Splice waits for both directions to end
 	// Either reason: see TestClientClosesAfterLogin.
-	if r := h.wait(); r != "backend closed" && r != "client closed" {
+	if r := h.Wait(); r != "backend closed" && r != "client closed" {
 		t.Errorf("reason %q, want backend closed", r)
 	}
 
 	want := []string{
-		fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", h.sess.Remote.Port()),
+		fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", h.Sess.Remote.Port()),
 		"USER alice", "PASS secret", "STAT", "QUIT",
 	}
 	if got := b.lines(0); !slices.Equal(got, want) {
 		t.Errorf("backend got %q, want %q", got, want)
 	}
-	if d.acquired.Load() != 1 || d.released.Load() != 1 {
-		t.Errorf("leases acquired %d released %d, want 1 and 1", d.acquired.Load(), d.released.Load())
+	if d.Acquired() != 1 || d.Released() != 1 {
+		t.Errorf("leases acquired %d released %d, want 1 and 1", d.Acquired(), d.Released())
 	}
-	if h.sess.User != "alice" || h.sess.Backend != fmt.Sprintf("127.0.0.1:%d", b.port()) {
-		t.Errorf("session user %q backend %q", h.sess.User, h.sess.Backend)
+	if h.Sess.User != "alice" || h.Sess.Backend != fmt.Sprintf("127.0.0.1:%d", b.port()) {
+		t.Errorf("session user %q backend %q", h.Sess.User, h.Sess.Backend)
 	}
-	if h.sess.BytesIn.Load() == 0 || h.sess.BytesOut.Load() == 0 {
-		t.Errorf("splice counted no bytes: in %d out %d", h.sess.BytesIn.Load(), h.sess.BytesOut.Load())
+	if h.Sess.BytesIn.Load() == 0 || h.Sess.BytesOut.Load() == 0 {
+		t.Errorf("splice counted no bytes: in %d out %d", h.Sess.BytesIn.Load(), h.Sess.BytesOut.Load())
 	}
-	logs := h.logs.String()
+	logs := h.Logs.String()
 	if strings.Contains(logs, "secret") {
 		t.Errorf("password in logs:\n%s", logs)
 	}
@@ -105,11 +107,11 @@ func TestUserPassLoginXCLIENTFromGreeting(t *testing.T) {
 func TestXCLIENTFromCAPA(t *testing.T) {
 	b := newFakeBackend(t, func(b *fakeBackend) { b.capa = []string{"USER", "XCLIENT"} })
 	h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
-	h.c.send("USER bob", "PASS hunter2")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
+	h.Client.Send("USER bob", "PASS hunter2")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
 	got := b.lines(0)
-	want := []string{"CAPA", fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", h.sess.Remote.Port()),
+	want := []string{"CAPA", fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", h.Sess.Remote.Port()),
 		"USER bob", "PASS hunter2"}
 	if !slices.Equal(got, want) {
 		t.Errorf("backend got %q, want %q", got, want)
@@ -127,10 +129,10 @@ func TestNoXCLIENTWhenNotAdvertised(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			b := newFakeBackend(t, func(b *fakeBackend) { b.capa = tt.capa })
 			h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
-			h.c.send("USER alice")
-			h.c.expect("+OK")
-			h.c.send("PASS secret")
-			h.c.expect("+OK Logged in.")
+			h.Client.Send("USER alice")
+			h.Client.Expect("+OK")
+			h.Client.Send("PASS secret")
+			h.Client.Expect("+OK Logged in.")
 			want := []string{"CAPA", "USER alice", "PASS secret"}
 			if got := b.lines(0); !slices.Equal(got, want) {
 				t.Errorf("backend got %q, want %q", got, want)
@@ -143,19 +145,19 @@ func TestPassWithoutUser(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	d := newDirector()
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
-	h.c.send("PASS secret")
-	h.c.expect("-ERR No user name given.")
-	h.c.send("USER")
-	h.c.expect("-ERR Empty user name.")
-	h.c.send("PASS secret")
-	h.c.expect("-ERR No user name given.")
-	if d.acquired.Load() != 0 || b.connCount() != 0 {
+	h.Client.Send("PASS secret")
+	h.Client.Expect("-ERR No user name given.")
+	h.Client.Send("USER")
+	h.Client.Expect("-ERR Empty user name.")
+	h.Client.Send("PASS secret")
+	h.Client.Expect("-ERR No user name given.")
+	if d.Acquired() != 0 || b.connCount() != 0 {
 		t.Fatalf("backend contacted without a user")
 	}
-	h.c.send("USER alice")
-	h.c.expect("+OK")
-	h.c.send("PASS secret")
-	h.c.expect("+OK Logged in.")
+	h.Client.Send("USER alice")
+	h.Client.Expect("+OK")
+	h.Client.Send("PASS secret")
+	h.Client.Expect("+OK Logged in.")
 }
 
 func TestAuthPlain(t *testing.T) {
@@ -175,20 +177,20 @@ func TestAuthPlain(t *testing.T) {
 			b := newFakeBackend(t, nil)
 			d := newDirector()
 			h := startSession(t, options(b, d), sessionOpts{trusted: true})
-			h.c.send(tt.auth)
+			h.Client.Send(tt.auth)
 			if tt.cont {
-				h.c.expect("+ ")
-				h.c.send(tt.client...)
+				h.Client.Expect("+ ")
+				h.Client.Send(tt.client...)
 			}
-			h.c.expect("+OK Logged in.")
+			h.Client.Expect("+OK Logged in.")
 			want := []string{"CAPA", "AUTH PLAIN " + ir}
 			if got := b.lines(0); !slices.Equal(got, want) {
 				t.Errorf("backend got %q, want %q", got, want)
 			}
-			if u := d.userList(); !slices.Equal(u, []string{"alice"}) {
+			if u := d.Users(); !slices.Equal(u, []string{"alice"}) {
 				t.Errorf("director asked for %q", u)
 			}
-			if strings.Contains(h.logs.String(), ir) {
+			if strings.Contains(h.Logs.String(), ir) {
 				t.Errorf("AUTH response in logs")
 			}
 		})
@@ -199,9 +201,9 @@ func TestAuthPlainAuthzidRoutes(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	d := newDirector()
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
-	h.c.send("AUTH PLAIN " + plainIR("carol", "admin", "pw"))
-	h.c.expect("-ERR [AUTH] Authentication failed.")
-	if u := d.userList(); !slices.Equal(u, []string{"carol"}) {
+	h.Client.Send("AUTH PLAIN " + plainIR("carol", "admin", "pw"))
+	h.Client.Expect("-ERR [AUTH] Authentication failed.")
+	if u := d.Users(); !slices.Equal(u, []string{"carol"}) {
 		t.Errorf("director asked for %q, want the authorization identity", u)
 	}
 }
@@ -211,8 +213,8 @@ func TestAuthPlainLongResponseUsesContinuation(t *testing.T) {
 	b := newFakeBackend(t, func(b *fakeBackend) { b.users["alice"] = long })
 	h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
 	ir := plainIR("", "alice", long)
-	h.c.send("AUTH PLAIN " + ir)
-	h.c.expect("+OK Logged in.")
+	h.Client.Send("AUTH PLAIN " + ir)
+	h.Client.Expect("+OK Logged in.")
 	// RFC 5034 section 4: no initial response when the line would pass 255 octets.
 	want := []string{"CAPA", "AUTH PLAIN", ir}
 	if got := b.lines(0); !slices.Equal(got, want) {
@@ -240,18 +242,18 @@ func TestAuthPlainBadInput(t *testing.T) {
 			b := newFakeBackend(t, nil)
 			d := newDirector()
 			h := startSession(t, options(b, d), sessionOpts{trusted: true})
-			h.c.send(tt.lines[0])
+			h.Client.Send(tt.lines[0])
 			if tt.cont {
-				h.c.expect("+ ")
-				h.c.send(tt.lines[1])
+				h.Client.Expect("+ ")
+				h.Client.Send(tt.lines[1])
 			}
-			h.c.expect(tt.want)
-			if d.acquired.Load() != 0 || b.connCount() != 0 {
+			h.Client.Expect(tt.want)
+			if d.Acquired() != 0 || b.connCount() != 0 {
 				t.Fatalf("backend contacted")
 			}
 			// Still in the AUTHORIZATION state.
-			h.c.send("AUTH PLAIN " + plainIR("", "alice", "secret"))
-			h.c.expect("+OK Logged in.")
+			h.Client.Send("AUTH PLAIN " + plainIR("", "alice", "secret"))
+			h.Client.Expect("+OK Logged in.")
 		})
 	}
 }
@@ -260,29 +262,29 @@ func TestWrongPasswordThenRetry(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	d := newDirector()
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
-	h.c.send("USER alice", "PASS wrong")
-	h.c.expect("+OK")
-	h.c.expect("-ERR [AUTH] Authentication failed.") // the backend's line, relayed
-	if d.released.Load() != 1 {
+	h.Client.Send("USER alice", "PASS wrong")
+	h.Client.Expect("+OK")
+	h.Client.Expect("-ERR [AUTH] Authentication failed.") // the backend's line, relayed
+	if d.Released() != 1 {
 		t.Errorf("lease not released after rejected login")
 	}
 	// The pending user was consumed by PASS.
-	h.c.send("PASS secret")
-	h.c.expect("-ERR No user name given.")
-	h.c.send("USER alice", "PASS secret")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
+	h.Client.Send("PASS secret")
+	h.Client.Expect("-ERR No user name given.")
+	h.Client.Send("USER alice", "PASS secret")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
 	if b.connCount() != 2 {
 		t.Errorf("backend connections %d, want 2", b.connCount())
 	}
 	if got := b.lines(0); !slices.Equal(got, []string{"CAPA", "USER alice", "PASS wrong"}) {
 		t.Errorf("first backend connection got %q", got)
 	}
-	if strings.Contains(h.logs.String(), "wrong") {
+	if strings.Contains(h.Logs.String(), "wrong") {
 		t.Errorf("password in logs")
 	}
-	if !strings.Contains(h.logs.String(), "result=rejected") {
-		t.Errorf("no rejected login logged:\n%s", h.logs)
+	if !strings.Contains(h.Logs.String(), "result=rejected") {
+		t.Errorf("no rejected login logged:\n%s", h.Logs)
 	}
 }
 
@@ -290,12 +292,12 @@ func TestTooManyLoginFailures(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
 	for i := 0; i < maxLoginFailures; i++ {
-		h.c.send("USER alice", "PASS wrong")
-		h.c.expect("+OK")
-		h.c.expect("-ERR [AUTH] Authentication failed.")
+		h.Client.Send("USER alice", "PASS wrong")
+		h.Client.Expect("+OK")
+		h.Client.Expect("-ERR [AUTH] Authentication failed.")
 	}
-	h.c.expectEOF()
-	if r := h.wait(); r != "too many login failures" {
+	h.Client.ExpectClosed()
+	if r := h.Wait(); r != "too many login failures" {
 		t.Errorf("reason %q", r)
 	}
 }
@@ -311,23 +313,23 @@ func TestUnavailable(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			d := newDirector()
-			d.err = tt.err
+			d.SetErr(tt.err)
 			h := startSession(t, options(nil, d), sessionOpts{trusted: true})
-			h.c.send("USER alice", "PASS secret")
-			h.c.expect("+OK")
-			h.c.expect(tt.want)
-			h.c.send("CAPA")
-			h.c.expect("+OK Capability list follows")
-			h.c.multi()
-			if !strings.Contains(h.logs.String(), "level=WARN") {
-				t.Errorf("no warning logged:\n%s", h.logs)
+			h.Client.Send("USER alice", "PASS secret")
+			h.Client.Expect("+OK")
+			h.Client.Expect(tt.want)
+			h.Client.Send("CAPA")
+			h.Client.Expect("+OK Capability list follows")
+			multi(h.Client)
+			if !strings.Contains(h.Logs.String(), "level=WARN") {
+				t.Errorf("no warning logged:\n%s", h.Logs)
 			}
 		})
 	}
 }
 
 func TestBackendFailures(t *testing.T) {
-	cert, _ := testCert(t)
+	pki := testutil.LoopbackPKI(t)
 	tests := []struct {
 		name      string
 		configure func(*fakeBackend)
@@ -340,7 +342,7 @@ func TestBackendFailures(t *testing.T) {
 		{name: "bad greeting", configure: func(b *fakeBackend) { b.greeting = "* OK IMAP4rev1" }},
 		{name: "backend without STLS", opts: func(o *Options) { o.Backend.TLS = config.TLSStartTLS }},
 		{name: "backend cert not trusted", configure: func(b *fakeBackend) {
-			b.tls = &tls.Config{Certificates: []tls.Certificate{cert}}
+			b.tls = pki.Server
 		}, opts: func(o *Options) { o.Backend.TLS = config.TLSStartTLS }},
 		{name: "xclient refused", configure: func(b *fakeBackend) { b.greeting = "+OK [XCLIENT] ready"; b.xclientERR = true }},
 	}
@@ -351,151 +353,153 @@ func TestBackendFailures(t *testing.T) {
 			if tt.opts != nil {
 				tt.opts(&o)
 			}
-			d := o.Director.(*fakeDirector)
+			d := o.Director.(*proxytest.Director)
 			if tt.closed {
 				b.ln.Close()
 			}
 			h := startSession(t, o, sessionOpts{trusted: true})
 			start := time.Now()
-			h.c.send("USER alice", "PASS secret")
-			h.c.expect("+OK")
-			h.c.expect("-ERR [SYS/TEMP] Backend unavailable, try again later.")
+			h.Client.Send("USER alice", "PASS secret")
+			h.Client.Expect("+OK")
+			h.Client.Expect("-ERR [SYS/TEMP] Backend unavailable, try again later.")
 			if time.Since(start) > 3*time.Second {
 				t.Errorf("failure took %v", time.Since(start))
 			}
-			if d.released.Load() != d.acquired.Load() || d.acquired.Load() != 1 {
-				t.Errorf("leases acquired %d released %d", d.acquired.Load(), d.released.Load())
+			if d.Released() != d.Acquired() || d.Acquired() != 1 {
+				t.Errorf("leases acquired %d released %d", d.Acquired(), d.Released())
 			}
-			if !strings.Contains(h.logs.String(), "backend=127.0.0.1:") || !strings.Contains(h.logs.String(), "result=\"backend failed\"") {
-				t.Errorf("failure not logged with backend:\n%s", h.logs)
+			if !strings.Contains(h.Logs.String(), "backend=127.0.0.1:") || !strings.Contains(h.Logs.String(), "result=\"backend failed\"") {
+				t.Errorf("failure not logged with backend:\n%s", h.Logs)
 			}
-			h.c.send("QUIT")
-			h.c.expect("+OK Logging out.")
+			h.Client.Send("QUIT")
+			h.Client.Expect("+OK Logging out.")
 		})
 	}
 }
 
 func TestSTLS(t *testing.T) {
-	cert, pool := testCert(t)
+	pki := testutil.LoopbackPKI(t)
+	pool := pki.Pool
 	b := newFakeBackend(t, nil)
 	h := startSession(t, options(b, newDirector()), sessionOpts{mode: config.TLSStartTLS,
-		tls: &tls.Config{Certificates: []tls.Certificate{cert}}})
-	h.c.send("USER alice")
-	h.c.expect(replyPlainDisallowed)
-	h.c.send("AUTH PLAIN " + plainIR("", "alice", "secret"))
-	h.c.expect(replyPlainDisallowed)
-	h.c.send("STLS")
-	h.c.expect("+OK Begin TLS negotiation now.")
-	h.c.startTLS(pool)
-	h.c.send("CAPA")
-	h.c.expect("+OK Capability list follows")
-	if got := h.c.multi(); !slices.Contains(got, "USER") || slices.Contains(got, "STLS") {
+		tls: pki.Server})
+	h.Client.Send("USER alice")
+	h.Client.Expect(replyPlainDisallowed)
+	h.Client.Send("AUTH PLAIN " + plainIR("", "alice", "secret"))
+	h.Client.Expect(replyPlainDisallowed)
+	h.Client.Send("STLS")
+	h.Client.Expect("+OK Begin TLS negotiation now.")
+	h.Client.StartTLS(pool)
+	h.Client.Send("CAPA")
+	h.Client.Expect("+OK Capability list follows")
+	if got := multi(h.Client); !slices.Contains(got, "USER") || slices.Contains(got, "STLS") {
 		t.Errorf("CAPA after STLS = %q", got)
 	}
-	h.c.send("STLS")
-	h.c.expect("-ERR TLS is already active.")
-	h.c.send("USER alice", "PASS secret")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
-	h.c.send("LIST")
-	h.c.expect("+OK echo LIST")
-	if !h.sess.Secure {
+	h.Client.Send("STLS")
+	h.Client.Expect("-ERR TLS is already active.")
+	h.Client.Send("USER alice", "PASS secret")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
+	h.Client.Send("LIST")
+	h.Client.Expect("+OK echo LIST")
+	if !h.Sess.Secure {
 		t.Errorf("session not marked secure")
 	}
-	if _, ok := h.sess.Conn.(*tls.Conn); !ok {
-		t.Errorf("session conn is %T, want *tls.Conn", h.sess.Conn)
+	if _, ok := h.Sess.Conn.(*tls.Conn); !ok {
+		t.Errorf("session conn is %T, want *tls.Conn", h.Sess.Conn)
 	}
 }
 
 func TestSTLSForgetsUser(t *testing.T) {
-	cert, pool := testCert(t)
+	pki := testutil.LoopbackPKI(t)
+	pool := pki.Pool
 	h := startSession(t, options(nil, newDirector()), sessionOpts{mode: config.TLSStartTLS, trusted: true,
-		tls: &tls.Config{Certificates: []tls.Certificate{cert}}})
-	h.c.send("USER alice")
-	h.c.expect("+OK")
-	h.c.send("STLS")
-	h.c.expect("+OK Begin TLS negotiation now.")
-	h.c.startTLS(pool)
-	h.c.send("PASS secret")
-	h.c.expect("-ERR No user name given.")
+		tls: pki.Server})
+	h.Client.Send("USER alice")
+	h.Client.Expect("+OK")
+	h.Client.Send("STLS")
+	h.Client.Expect("+OK Begin TLS negotiation now.")
+	h.Client.StartTLS(pool)
+	h.Client.Send("PASS secret")
+	h.Client.Expect("-ERR No user name given.")
 }
 
 func TestSTLSPipelinedRejected(t *testing.T) {
-	cert, _ := testCert(t)
+	pki := testutil.LoopbackPKI(t)
 	h := startSession(t, options(nil, newDirector()), sessionOpts{mode: config.TLSStartTLS,
-		tls: &tls.Config{Certificates: []tls.Certificate{cert}}})
-	h.c.send("STLS\r\nUSER mallory")
-	h.c.expect("-ERR Unexpected data after STLS.")
-	h.c.expectEOF()
-	if r := h.wait(); r != "starttls injection" {
+		tls: pki.Server})
+	h.Client.Send("STLS\r\nUSER mallory")
+	h.Client.Expect("-ERR Unexpected data after STLS.")
+	h.Client.ExpectClosed()
+	if r := h.Wait(); r != "starttls injection" {
 		t.Errorf("reason %q", r)
 	}
-	if h.sess.Secure {
+	if h.Sess.Secure {
 		t.Errorf("session marked secure")
 	}
 }
 
 func TestSTLSNotOffered(t *testing.T) {
-	cert, _ := testCert(t)
-	srvTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	pki := testutil.LoopbackPKI(t)
+	srvTLS := pki.Server
 	h := startSession(t, options(nil, newDirector()), sessionOpts{})
-	h.c.send("STLS")
-	h.c.expect("-ERR TLS support isn't enabled.")
+	h.Client.Send("STLS")
+	h.Client.Expect("-ERR TLS support isn't enabled.")
 	h2 := startSession(t, options(nil, newDirector()), sessionOpts{mode: config.TLSImplicit, tls: srvTLS})
-	h2.c.send("STLS")
-	h2.c.expect("-ERR TLS is already active.")
+	h2.Client.Send("STLS")
+	h2.Client.Expect("-ERR TLS is already active.")
 }
 
 func TestSTLSHandshakeFailure(t *testing.T) {
-	cert, _ := testCert(t)
+	pki := testutil.LoopbackPKI(t)
 	h := startSession(t, options(nil, newDirector()), sessionOpts{mode: config.TLSStartTLS,
-		tls: &tls.Config{Certificates: []tls.Certificate{cert}}})
-	h.c.send("STLS")
-	h.c.expect("+OK Begin TLS negotiation now.")
-	h.c.send("this is not a TLS client hello")
-	if r := h.wait(); r != "tls handshake failed" {
+		tls: pki.Server})
+	h.Client.Send("STLS")
+	h.Client.Expect("+OK Begin TLS negotiation now.")
+	h.Client.Send("this is not a TLS client hello")
+	if r := h.Wait(); r != "tls handshake failed" {
 		t.Errorf("reason %q", r)
 	}
 }
 
 func TestLongLines(t *testing.T) {
 	h := startSession(t, options(nil, newDirector()), sessionOpts{trusted: true})
-	h.c.send("USER " + strings.Repeat("a", 9000))
-	h.c.expect("-ERR Line too long.")
-	h.c.send("CAPA")
-	h.c.expect("+OK Capability list follows")
-	h.c.multi()
+	h.Client.Send("USER " + strings.Repeat("a", 9000))
+	h.Client.Expect("-ERR Line too long.")
+	h.Client.Send("CAPA")
+	h.Client.Expect("+OK Capability list follows")
+	multi(h.Client)
 
 	// A peer that never ends its line is disconnected. The amount is what
 	// the reader consumes before giving up (64 lines' worth plus one 4 KiB
 	// buffer), so no unread bytes make the close a reset that could eat the
 	// reply.
 	go func() {
-		_ = h.c.conn.SetWriteDeadline(time.Now().Add(testTimeout))
-		_, _ = h.c.conn.Write([]byte(strings.Repeat("x", 64*8192+4096)))
+		_ = h.Client.Conn.SetWriteDeadline(time.Now().Add(testutil.DefaultTimeout))
+		_, _ = h.Client.Conn.Write([]byte(strings.Repeat("x", 64*8192+4096)))
 	}()
-	h.c.expect("-ERR Line too long.")
-	if r := h.wait(); r != "line too long" {
+	h.Client.Expect("-ERR Line too long.")
+	if r := h.Wait(); r != "line too long" {
 		t.Errorf("reason %q", r)
 	}
 }
 
 func TestBadCommands(t *testing.T) {
 	h := startSession(t, options(nil, newDirector()), sessionOpts{trusted: true})
-	h.c.send("NOOP") // only valid in the TRANSACTION state
-	h.c.expect("-ERR Unknown command.")
-	h.c.send("CAPA")
-	h.c.expectPrefix("+OK")
-	h.c.multi()
+	h.Client.Send("NOOP") // only valid in the TRANSACTION state
+	h.Client.Expect("-ERR Unknown command.")
+	h.Client.Send("CAPA")
+	h.Client.ExpectPrefix("+OK")
+	multi(h.Client)
 	// The count is of bad commands in a row; CAPA reset it.
 	for i := 1; i < maxBadCommands; i++ {
-		h.c.send(fmt.Sprintf("BOGUS%d", i))
-		h.c.expect("-ERR Unknown command.")
+		h.Client.Send(fmt.Sprintf("BOGUS%d", i))
+		h.Client.Expect("-ERR Unknown command.")
 	}
-	h.c.send("\x00\x01")
-	h.c.expect("-ERR Too many bad commands.")
-	h.c.expectEOF()
-	if r := h.wait(); r != "too many bad commands" {
+	h.Client.Send("\x00\x01")
+	h.Client.Expect("-ERR Too many bad commands.")
+	h.Client.ExpectClosed()
+	if r := h.Wait(); r != "too many bad commands" {
 		t.Errorf("reason %q", r)
 	}
 }
@@ -503,49 +507,50 @@ func TestBadCommands(t *testing.T) {
 func TestTooManyCommands(t *testing.T) {
 	h := startSession(t, options(nil, newDirector()), sessionOpts{})
 	for i := 0; i < maxCommands; i++ {
-		h.c.send("USER x")
-		h.c.expect(replyPlainDisallowed)
+		h.Client.Send("USER x")
+		h.Client.Expect(replyPlainDisallowed)
 	}
-	h.c.send("USER x")
-	h.c.expect("-ERR Too many commands without login.")
-	h.c.expectEOF()
+	h.Client.Send("USER x")
+	h.Client.Expect("-ERR Too many commands without login.")
+	h.Client.ExpectClosed()
 }
 
 func TestIdleTimeout(t *testing.T) {
 	o := options(nil, newDirector())
 	o.IdleTimeout = 100 * time.Millisecond
 	h := startSession(t, o, sessionOpts{})
-	h.c.expect("-ERR Disconnected for inactivity.")
-	h.c.expectEOF()
-	if r := h.wait(); r != "idle timeout" {
+	h.Client.Expect("-ERR Disconnected for inactivity.")
+	h.Client.ExpectClosed()
+	if r := h.Wait(); r != "idle timeout" {
 		t.Errorf("reason %q", r)
 	}
 }
 
 func TestShutdownBeforeLogin(t *testing.T) {
 	h := startSession(t, options(nil, newDirector()), sessionOpts{})
-	h.cancel()
-	if r := h.wait(); r != "shutdown" {
+	h.Cancel()
+	if r := h.Wait(); r != "shutdown" {
 		t.Errorf("reason %q", r)
 	}
 }
 
 func TestBackendSTLS(t *testing.T) {
-	cert, pool := testCert(t)
+	pki := testutil.LoopbackPKI(t)
+	pool := pki.Pool
 	b := newFakeBackend(t, func(b *fakeBackend) {
-		b.tls = &tls.Config{Certificates: []tls.Certificate{cert}}
+		b.tls = pki.Server
 		b.greeting = "+OK [XCLIENT] Dovecot ready."
 	})
 	o := options(b, newDirector())
 	o.Backend.TLS = config.TLSStartTLS
 	o.Backend.TLSConfig = &tls.Config{RootCAs: pool}
 	h := startSession(t, o, sessionOpts{trusted: true})
-	h.c.send("USER alice", "PASS secret")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
-	h.c.send("RETR 1")
-	h.c.expect("+OK echo RETR 1")
-	want := []string{"STLS", fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", h.sess.Remote.Port()),
+	h.Client.Send("USER alice", "PASS secret")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
+	h.Client.Send("RETR 1")
+	h.Client.Expect("+OK echo RETR 1")
+	want := []string{"STLS", fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", h.Sess.Remote.Port()),
 		"USER alice", "PASS secret", "RETR 1"}
 	if got := b.lines(0); !slices.Equal(got, want) {
 		t.Errorf("backend got %q, want %q", got, want)
@@ -557,26 +562,27 @@ func TestPipelinedAfterLoginReachesBackend(t *testing.T) {
 	h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
 	// One write: the STAT is buffered in usher's reader during login and
 	// must be forwarded when the connections are spliced.
-	h.c.send("USER alice", "PASS secret", "STAT")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
-	h.c.expect("+OK echo STAT")
+	h.Client.Send("USER alice", "PASS secret", "STAT")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
+	h.Client.Expect("+OK echo STAT")
 }
 
 func TestKick(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	d := newDirector()
-	d.done = make(chan struct{})
+	kick := make(chan struct{})
+	d.SetDone(kick)
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
-	h.c.send("USER alice", "PASS secret")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
-	close(d.done)
-	if r := h.wait(); r != "kicked" {
+	h.Client.Send("USER alice", "PASS secret")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
+	close(kick)
+	if r := h.Wait(); r != "kicked" {
 		t.Errorf("reason %q", r)
 	}
-	h.c.expectEOF()
-	if d.released.Load() != 1 {
+	h.Client.ExpectClosed()
+	if d.Released() != 1 {
 		t.Errorf("lease not released")
 	}
 }
@@ -585,21 +591,21 @@ func TestClientClosesAfterLogin(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	d := newDirector()
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
-	h.c.send("USER alice", "PASS secret")
-	h.c.expect("+OK")
-	h.c.expect("+OK Logged in.")
-	h.c.conn.(*net.TCPConn).CloseWrite()
+	h.Client.Send("USER alice", "PASS secret")
+	h.Client.Expect("+OK")
+	h.Client.Expect("+OK Logged in.")
+	h.Client.Conn.(*net.TCPConn).CloseWrite()
 	// The backend sees EOF and closes. proxy.Splice reports the direction
 	// whose result reached it first, which can be the backend's here (its
 	// client direction half-closes the backend before reporting), so both
 	// reasons are accepted.
-	if r := h.wait(); r != "client closed" && r != "backend closed" {
+	if r := h.Wait(); r != "client closed" && r != "backend closed" {
 		t.Errorf("reason %q", r)
 	}
-	if _, err := io.ReadAll(h.c.r); err != nil {
+	if _, err := io.ReadAll(h.Client.R); err != nil {
 		t.Errorf("client read after close: %v", err)
 	}
-	if d.released.Load() != 1 {
+	if d.Released() != 1 {
 		t.Errorf("lease not released")
 	}
 }
@@ -651,21 +657,21 @@ func TestShutdownDuringBackendLogin(t *testing.T) {
 	b := newFakeBackend(t, func(b *fakeBackend) { b.silent = true })
 	d := newDirector()
 	h := startSession(t, options(b, d), sessionOpts{trusted: true})
-	h.c.send("USER alice", "PASS secret")
-	h.c.expect("+OK")
-	deadline := time.Now().Add(testTimeout)
+	h.Client.Send("USER alice", "PASS secret")
+	h.Client.Expect("+OK")
+	deadline := time.Now().Add(testutil.DefaultTimeout)
 	for b.connCount() == 0 && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	start := time.Now()
-	h.cancel()
-	if r := h.wait(); r != "shutdown" {
+	h.Cancel()
+	if r := h.Wait(); r != "shutdown" {
 		t.Errorf("reason %q", r)
 	}
 	if time.Since(start) > time.Second {
 		t.Errorf("shutdown took %v", time.Since(start))
 	}
-	if d.released.Load() != 1 {
+	if d.Released() != 1 {
 		t.Errorf("lease not released")
 	}
 }
@@ -673,9 +679,9 @@ func TestShutdownDuringBackendLogin(t *testing.T) {
 func TestEmptyPassword(t *testing.T) {
 	b := newFakeBackend(t, nil)
 	h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
-	h.c.send("USER alice", "PASS")
-	h.c.expect("+OK")
-	h.c.expect("-ERR Empty password.")
+	h.Client.Send("USER alice", "PASS")
+	h.Client.Expect("+OK")
+	h.Client.Expect("-ERR Empty password.")
 	if b.connCount() != 0 {
 		t.Errorf("backend contacted")
 	}

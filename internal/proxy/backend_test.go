@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 var loopback = netip.MustParseAddr("127.0.0.1")
@@ -147,9 +148,9 @@ func TestDialExpiredContext(t *testing.T) {
 }
 
 func TestDialImplicitTLS(t *testing.T) {
-	pki := loopbackPKI(t)
-	port := backendListener(t, tlsGreeter(pki.server))
-	cfg := &tls.Config{RootCAs: pki.pool}
+	pki := testutil.LoopbackPKI(t)
+	port := backendListener(t, tlsGreeter(pki.Server))
+	cfg := &tls.Config{RootCAs: pki.Pool}
 	o := &BackendOptions{Port: port, TLS: config.TLSImplicit, TLSConfig: cfg, ConnectTimeout: ioTimeout}
 	c, err := o.Dial(context.Background(), loopback)
 	if err != nil {
@@ -173,10 +174,10 @@ func TestDialImplicitTLS(t *testing.T) {
 }
 
 func TestDialImplicitTLSWrongCA(t *testing.T) {
-	pki, other := loopbackPKI(t), loopbackPKI(t)
-	port := backendListener(t, tlsGreeter(pki.server))
+	pki, other := testutil.LoopbackPKI(t), testutil.LoopbackPKI(t)
+	port := backendListener(t, tlsGreeter(pki.Server))
 	o := &BackendOptions{Port: port, TLS: config.TLSImplicit,
-		TLSConfig: &tls.Config{RootCAs: other.pool}, ConnectTimeout: ioTimeout}
+		TLSConfig: &tls.Config{RootCAs: other.Pool}, ConnectTimeout: ioTimeout}
 	c, err := o.Dial(context.Background(), loopback)
 	if err == nil {
 		c.Close()
@@ -193,17 +194,17 @@ func TestDialImplicitTLSWrongCA(t *testing.T) {
 
 func TestDialImplicitTLSServerName(t *testing.T) {
 	// The certificate names only backend.test, not the IP.
-	pki := newTestPKI(t, []string{"backend.test"}, nil)
-	port := backendListener(t, tlsGreeter(pki.server))
+	pki := testutil.NewPKI(t, testutil.PKIOptions{DNSNames: []string{"backend.test"}})
+	port := backendListener(t, tlsGreeter(pki.Server))
 
 	o := &BackendOptions{Port: port, TLS: config.TLSImplicit,
-		TLSConfig: &tls.Config{RootCAs: pki.pool}, ConnectTimeout: ioTimeout}
+		TLSConfig: &tls.Config{RootCAs: pki.Pool}, ConnectTimeout: ioTimeout}
 	if c, err := o.Dial(context.Background(), loopback); err == nil {
 		c.Close()
 		t.Error("Dial accepted a certificate for backend.test when verifying the IP 127.0.0.1")
 	}
 
-	o.TLSConfig = &tls.Config{RootCAs: pki.pool, ServerName: "backend.test"}
+	o.TLSConfig = &tls.Config{RootCAs: pki.Pool, ServerName: "backend.test"}
 	c, err := o.Dial(context.Background(), loopback)
 	if err != nil {
 		t.Fatalf("Dial with ServerName backend.test: %v", err)
@@ -247,10 +248,10 @@ func TestDialConnectTimeoutCoversHandshake(t *testing.T) {
 }
 
 func TestClientTLSDefaults(t *testing.T) {
-	pki := loopbackPKI(t)
-	a, b := tcpPair(t)
+	pki := testutil.LoopbackPKI(t)
+	a, b := testutil.TCPPair(t)
 	go func() {
-		tc := tls.Server(b, pki.server)
+		tc := tls.Server(b, pki.Server)
 		_ = tc.Handshake()
 	}()
 	o := &BackendOptions{Port: 143} // nil TLSConfig: system roots, ServerName = IP

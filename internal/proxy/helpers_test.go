@@ -1,24 +1,17 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 // ioTimeout bounds every blocking step of a test so a bug shows up as a
@@ -30,24 +23,9 @@ type handlerFunc func(ctx context.Context, s *Session) string
 
 func (f handlerFunc) Serve(ctx context.Context, s *Session) string { return f(ctx, s) }
 
-// syncBuffer is a bytes.Buffer safe for the concurrent writes of a logger
+// syncBuffer is a log buffer safe for the concurrent writes of a logger
 // shared by many sessions and the reads of the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
+type syncBuffer struct{ testutil.LogBuffer }
 
 // records parses the JSON log lines written so far.
 func (b *syncBuffer) records(t testing.TB) []map[string]any {
@@ -193,113 +171,6 @@ func expectEOF(t testing.TB, c net.Conn) {
 	if err == nil {
 		t.Fatal("expected EOF, read returned no error")
 	}
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(ioTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
-}
-
-// tcpPair returns the two ends of a real loopback TCP connection, so io.Copy
-// between such ends takes the splice(2) path.
-func tcpPair(t testing.TB) (dialed, accepted *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	type res struct {
-		c   *net.TCPConn
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		c, err := ln.AcceptTCP()
-		ch <- res{c, err}
-	}()
-	dialed, err = net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := <-ch
-	if r.err != nil {
-		t.Fatal(r.err)
-	}
-	t.Cleanup(func() { dialed.Close(); r.c.Close() })
-	return dialed, r.c
-}
-
-// testPKI is a throwaway CA and a server certificate it signed.
-type testPKI struct {
-	pool   *x509.CertPool // trusts the CA
-	server *tls.Config    // serves the leaf
-}
-
-// newTestPKI makes a CA and a leaf for the given names and IPs.
-func newTestPKI(t testing.TB, dnsNames []string, ips []net.IP) *testPKI {
-	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "usher test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leafKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leafTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "usher test server"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     dnsNames,
-		IPAddresses:  ips,
-	}
-	leafDER, err := x509.CreateCertificate(rand.Reader, leafTmpl, caCert, &leafKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(caCert)
-	return &testPKI{
-		pool: pool,
-		server: &tls.Config{
-			MinVersion:   tls.VersionTLS12,
-			Certificates: []tls.Certificate{{Certificate: [][]byte{leafDER}, PrivateKey: leafKey}},
-		},
-	}
-}
-
-// loopbackPKI is a PKI whose leaf is valid for 127.0.0.1.
-func loopbackPKI(t testing.TB) *testPKI {
-	return newTestPKI(t, nil, []net.IP{net.IPv4(127, 0, 0, 1)})
 }
 
 // readAll reads c to EOF (with the test deadline).

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/pires/go-proxyproto"
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 // echoAddr is a handler that writes the session's remote, local and trust
@@ -88,7 +89,7 @@ func TestAllowList(t *testing.T) {
 	}
 	refused := dialFrom(t, "127.0.0.3", ts.addr)
 	expectEOF(t, refused)
-	waitFor(t, "refusal logged", func() bool {
+	testutil.WaitFor(t, ioTimeout, "refusal logged", func() bool {
 		for _, r := range withMsg(ts.logs.records(t), "connection refused") {
 			if r["reason"] == "client address not in allow list" && strings.HasPrefix(r["remote"].(string), "127.0.0.3:") {
 				return true
@@ -142,7 +143,7 @@ func TestProxyProtocolIn(t *testing.T) {
 	c = dialFrom(t, "127.0.0.4", ts.addr)
 	fmt.Fprintf(c, "a LOGIN x y\r\n")
 	expectEOF(t, c)
-	waitFor(t, "refusals logged", func() bool {
+	testutil.WaitFor(t, ioTimeout, "refusals logged", func() bool {
 		return len(withMsg(ts.logs.records(t), "connection refused")) >= 4
 	})
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 const refusal = "* BYE [UNAVAILABLE] Too many connections\r\n"
@@ -70,7 +71,7 @@ func TestMaxSessions(t *testing.T) {
 
 	// One leaves: the next one is admitted.
 	c1.Close()
-	waitFor(t, "Sessions() == 1", func() bool { return ts.srv.Sessions() == 1 })
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 1", func() bool { return ts.srv.Sessions() == 1 })
 	c4 := dialFrom(t, "", ts.addr)
 	expectAdmitted(t, c4)
 
@@ -80,7 +81,7 @@ func TestMaxSessions(t *testing.T) {
 
 	c2.Close()
 	c4.Close()
-	waitFor(t, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
 
 	recs := ts.logs.records(t)
 	refused := withMsg(recs, "connection refused")
@@ -129,7 +130,7 @@ func TestMaxSessionsPerIP(t *testing.T) {
 
 	// 127.0.0.1 frees a slot; 127.0.0.2 stays full.
 	a1.Close()
-	waitFor(t, "Sessions() == 3", func() bool { return ts.srv.Sessions() == 3 })
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 3", func() bool { return ts.srv.Sessions() == 3 })
 	a4 := dialFrom(t, "127.0.0.1", ts.addr)
 	expectAdmitted(t, a4)
 	b4 := dialFrom(t, "127.0.0.2", ts.addr)
@@ -138,7 +139,7 @@ func TestMaxSessionsPerIP(t *testing.T) {
 	for _, c := range []net.Conn{a2, a4, b1, b2} {
 		c.Close()
 	}
-	waitFor(t, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
 
 	refused := withMsg(ts.logs.records(t), "connection refused")
 	if len(refused) != 3 {
@@ -229,7 +230,7 @@ func TestSessionIDsUnique(t *testing.T) {
 }
 
 func TestImplicitTLS(t *testing.T) {
-	pki := loopbackPKI(t)
+	pki := testutil.LoopbackPKI(t)
 	type seen struct {
 		secure, isTLS, plain bool
 		mode                 config.TLSMode
@@ -251,12 +252,12 @@ func TestImplicitTLS(t *testing.T) {
 			}
 			return "done"
 		}),
-		Listeners:        []ListenerSpec{{Address: "127.0.0.1:0", TLS: config.TLSImplicit, TLSConfig: pki.server}},
+		Listeners:        []ListenerSpec{{Address: "127.0.0.1:0", TLS: config.TLSImplicit, TLSConfig: pki.Server}},
 		HandshakeTimeout: 300 * time.Millisecond,
 	})
 
 	t.Run("tls client", func(t *testing.T) {
-		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: ioTimeout}, Config: &tls.Config{RootCAs: pki.pool}}
+		d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: ioTimeout}, Config: &tls.Config{RootCAs: pki.Pool}}
 		c, err := d.Dial("tcp", ts.addr)
 		if err != nil {
 			t.Fatalf("tls dial: %v", err)
@@ -267,7 +268,7 @@ func TestImplicitTLS(t *testing.T) {
 		if !s.secure || !s.isTLS || !s.plain {
 			t.Errorf("handler saw Secure=%v, Conn is *tls.Conn=%v, PlaintextAllowed=%v; want all true", s.secure, s.isTLS, s.plain)
 		}
-		if s.mode != config.TLSImplicit || s.cfg != pki.server {
+		if s.mode != config.TLSImplicit || s.cfg != pki.Server {
 			t.Errorf("handler saw TLSMode=%q TLSConfig=%p, want implicit and the listener's config", s.mode, s.cfg)
 		}
 		if _, err := c.Write([]byte("ping\r\n")); err != nil {
@@ -312,7 +313,7 @@ func TestImplicitTLS(t *testing.T) {
 	if len(ch) != 0 {
 		t.Errorf("handler was called %d times for sessions whose handshake failed", len(ch))
 	}
-	waitFor(t, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
 	ends := withMsg(ts.logs.records(t), "session end")
 	failed := 0
 	for _, r := range ends {
@@ -346,7 +347,7 @@ func TestSessionLogLines(t *testing.T) {
 		<-ch
 		c.Close()
 	}
-	waitFor(t, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
 
 	recs := ts.logs.records(t)
 	starts := map[string]map[string]any{}
@@ -510,12 +511,12 @@ func TestAddrPortUnmaps(t *testing.T) {
 // TestStartTLSConnClosedOnShutdown: after a handler replaced sess.Conn with a
 // TLS layer (STARTTLS), cancelling Serve still unblocks it.
 func TestStartTLSConnClosedOnShutdown(t *testing.T) {
-	pki := loopbackPKI(t)
+	pki := testutil.LoopbackPKI(t)
 	upgraded := make(chan struct{}, 1)
 	readErr := make(chan error, 1)
 	ts := startServer(t, ServerOptions{
 		Handler: handlerFunc(func(ctx context.Context, s *Session) string {
-			if s.TLSMode != config.TLSStartTLS || s.TLSConfig != pki.server {
+			if s.TLSMode != config.TLSStartTLS || s.TLSConfig != pki.Server {
 				t.Errorf("TLSMode=%q TLSConfig=%p, want starttls and the listener config", s.TLSMode, s.TLSConfig)
 			}
 			_ = s.Conn.SetDeadline(time.Now().Add(ioTimeout))
@@ -530,10 +531,10 @@ func TestStartTLSConnClosedOnShutdown(t *testing.T) {
 			readErr <- err
 			return "shutdown"
 		}),
-		Listeners: []ListenerSpec{{Address: "127.0.0.1:0", TLS: config.TLSStartTLS, TLSConfig: pki.server}},
+		Listeners: []ListenerSpec{{Address: "127.0.0.1:0", TLS: config.TLSStartTLS, TLSConfig: pki.Server}},
 	})
 	raw := dialFrom(t, "", ts.addr)
-	c := tls.Client(raw, &tls.Config{RootCAs: pki.pool, ServerName: "127.0.0.1"})
+	c := tls.Client(raw, &tls.Config{RootCAs: pki.Pool, ServerName: "127.0.0.1"})
 	if err := c.Handshake(); err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/usher-mail/usher/internal/testutil"
 )
 
 // spliceRig is a client app <-> [client end | Splice | backend end] <-> backend app
@@ -24,8 +26,8 @@ type spliceRig struct {
 
 func newSpliceRig(t testing.TB) *spliceRig {
 	t.Helper()
-	ca, ce := tcpPair(t)
-	be, ba := tcpPair(t)
+	ca, ce := testutil.TCPPair(t)
+	be, ba := testutil.TCPPair(t)
 	return &spliceRig{clientApp: ca, clientEnd: ce, backendEnd: be, backendApp: ba,
 		sess: &Session{ID: "test"}, reason: make(chan string, 1)}
 }
@@ -295,11 +297,11 @@ func TestSpliceShutdown(t *testing.T) {
 }
 
 func TestSpliceTLSClient(t *testing.T) {
-	pki := loopbackPKI(t)
-	rawApp, rawEnd := tcpPair(t)
-	be, ba := tcpPair(t)
-	clientApp := tls.Client(rawApp, &tls.Config{RootCAs: pki.pool, ServerName: "127.0.0.1"})
-	clientEnd := tls.Server(rawEnd, pki.server)
+	pki := testutil.LoopbackPKI(t)
+	rawApp, rawEnd := testutil.TCPPair(t)
+	be, ba := testutil.TCPPair(t)
+	clientApp := tls.Client(rawApp, &tls.Config{RootCAs: pki.Pool, ServerName: "127.0.0.1"})
+	clientEnd := tls.Server(rawEnd, pki.Server)
 	hs := make(chan error, 1)
 	go func() { hs <- clientEnd.Handshake() }()
 	_ = clientApp.SetDeadline(time.Now().Add(ioTimeout))

@@ -2,17 +2,17 @@ package sieve
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
+	"github.com/usher-mail/usher/internal/xclient"
 )
 
 // The backend side of a login: usher acts as a ManageSieve client toward the
@@ -31,18 +31,11 @@ const (
 	backendMaxLiterals = 16
 	// maxCapabilities bounds the lines of one capability response.
 	maxCapabilities = 256
-	// proxyTTL is the hop budget a login starts with, as Dovecot's
-	// LOGIN_PROXY_TTL. Like Dovecot's proxy, usher sends one less to the
-	// backend, so proxies pointing at each other give up after a few hops.
-	proxyTTL = 5
-	// maxSessionID is Dovecot's LOGIN_MAX_SESSION_ID_LEN; longer IDs are
-	// ignored by XCLIENT, so usher leaves them out.
-	maxSessionID = 64
 )
 
 var errBackendProtocol = errors.New("backend protocol error")
 
-var backendLimits = frameLimits{literal: backendMaxResponse, literals: backendMaxLiterals, total: backendMaxResponse}
+var backendLimits = wire.FrameLimits{Literal: backendMaxResponse, Literals: backendMaxLiterals, Total: backendMaxResponse}
 
 // backend is usher's client connection to one backend during login.
 type backend struct {
@@ -56,7 +49,7 @@ type response struct {
 	status string // "OK", "NO" or "BYE"
 	code   string // upper-cased response code without its arguments ("TRYLATER/NORETRY"), or ""
 	text   string // the human-readable string, or ""
-	frame  *rawFrame
+	frame  *wire.Frame
 }
 
 // tryLater reports a temporary failure (RFC 5804 section 1.3, TRYLATER, with
@@ -82,38 +75,38 @@ func (b *backend) send(p []byte) error {
 }
 
 // readFrame reads and tokenizes one backend line with its literals.
-func (b *backend) readFrame() (*rawFrame, []arg, error) {
-	f, err := readFrame(b.r, backendLimits)
+func (b *backend) readFrame() (*wire.Frame, []arg, error) {
+	f, err := b.r.ReadFrame(backendLimits, nil)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read from backend: %w", err)
 	}
 	args, err := parseArgs(f)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%w: %w: %s", errBackendProtocol, err, truncate(f.lines[0], 200))
+		return nil, nil, fmt.Errorf("%w: %w: %s", errBackendProtocol, err, truncate(f.Lines[0], 200))
 	}
 	return f, args, nil
 }
 
 // toResponse interprets a tokenized line as OK/NO/BYE; ok is false for
 // anything else (a capability line, a SASL challenge).
-func toResponse(f *rawFrame, args []arg) (r *response, ok bool) {
-	if len(args) == 0 || args[0].kind != argAtom {
+func toResponse(f *wire.Frame, args []arg) (r *response, ok bool) {
+	if len(args) == 0 || args[0].Kind != wire.Atom {
 		return nil, false
 	}
-	st := asciiUpper(args[0].s)
+	st := wire.UpperASCII(args[0].S)
 	if st != "OK" && st != "NO" && st != "BYE" {
 		return nil, false
 	}
 	r = &response{status: st, frame: f}
 	rest := args[1:]
-	if len(rest) > 0 && rest[0].kind == argList {
-		if l := rest[0].list; len(l) > 0 && l[0].kind == argAtom {
-			r.code = asciiUpper(l[0].s)
+	if len(rest) > 0 && rest[0].Kind == wire.List {
+		if l := rest[0].List; len(l) > 0 && l[0].Kind == wire.Atom {
+			r.code = wire.UpperASCII(l[0].S)
 		}
 		rest = rest[1:]
 	}
-	if len(rest) > 0 && rest[0].isString() {
-		r.text = rest[0].s
+	if len(rest) > 0 && rest[0].IsString() {
+		r.text = rest[0].S
 	}
 	return r, true
 }
@@ -133,14 +126,14 @@ func (b *backend) readCapabilities() error {
 			}
 			return nil
 		}
-		if len(args) == 0 || len(args) > 2 || !args[0].isString() || (len(args) == 2 && !args[1].isString()) {
-			return fmt.Errorf("%w: invalid capability line %s", errBackendProtocol, truncate(f.lines[0], 200))
+		if len(args) == 0 || len(args) > 2 || !args[0].IsString() || (len(args) == 2 && !args[1].IsString()) {
+			return fmt.Errorf("%w: invalid capability line %s", errBackendProtocol, truncate(f.Lines[0], 200))
 		}
 		v := ""
 		if len(args) == 2 {
-			v = args[1].s
+			v = args[1].S
 		}
-		b.caps[asciiUpper(args[0].s)] = v
+		b.caps[wire.UpperASCII(args[0].S)] = v
 	}
 	return fmt.Errorf("%w: more than %d capability lines", errBackendProtocol, maxCapabilities)
 }
@@ -154,7 +147,7 @@ func (b *backend) readResponse() (*response, error) {
 	}
 	r, ok := toResponse(f, args)
 	if !ok {
-		return nil, fmt.Errorf("%w: unexpected line %s", errBackendProtocol, truncate(f.lines[0], 200))
+		return nil, fmt.Errorf("%w: unexpected line %s", errBackendProtocol, truncate(f.Lines[0], 200))
 	}
 	return r, nil
 }
@@ -184,7 +177,7 @@ func truncate(b []byte, n int) string {
 // hasPlain reports whether the backend offers SASL PLAIN.
 func (b *backend) hasPlain() bool {
 	for _, m := range strings.Fields(b.caps["SASL"]) {
-		if asciiUpper(m) == "PLAIN" {
+		if wire.UpperASCII(m) == "PLAIN" {
 			return true
 		}
 	}
@@ -194,7 +187,7 @@ func (b *backend) hasPlain() bool {
 // backendLogin connects to the lease's backend and replays the login there.
 // It returns the backend's final answer (OK or NO); an error means the
 // backend could not be used (unreachable, timeout, protocol error, BYE).
-func (c *client) backendLogin(ctx context.Context, lease *proxy.Lease, cr *credentials) (*backend, *response, error) {
+func (c *client) backendLogin(ctx context.Context, lease *proxy.Lease, cr *sasl.Credentials) (*backend, *response, error) {
 	o := &c.srv.o.Backend
 	conn, err := o.DialFor(ctx, lease.Backend, c.sess)
 	if err != nil {
@@ -212,7 +205,7 @@ func (c *client) backendLogin(ctx context.Context, lease *proxy.Lease, cr *crede
 	if err := conn.SetDeadline(time.Now().Add(o.LoginTimeout)); err != nil {
 		return nil, nil, fmt.Errorf("set backend deadline: %w", err)
 	}
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(pastDeadline) })
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(wire.PastDeadline()) })
 	defer stop()
 	b.r = wire.NewReader(conn, 0, backendMaxLine)
 
@@ -271,8 +264,8 @@ func (c *client) backendLogin(ctx context.Context, lease *proxy.Lease, cr *crede
 // authCommand encodes AUTHENTICATE "PLAIN" with the initial response (RFC
 // 5804 section 2.1): a quoted string, or a literal-c2s when the base64 text
 // is longer than a quoted string may be.
-func authCommand(cr *credentials) []byte {
-	enc := base64.StdEncoding.EncodeToString(cr.plainMessage())
+func authCommand(cr *sasl.Credentials) []byte {
+	enc := sasl.EncodeResponse(sasl.EncodePlain(cr.Authzid, cr.Authcid, cr.Password))
 	b := appendString([]byte(`AUTHENTICATE "PLAIN" `), enc, true)
 	return append(b, "\r\n"...)
 }
@@ -280,38 +273,9 @@ func authCommand(cr *credentials) []byte {
 // xclientLine builds Dovecot's XCLIENT command (managesieve-login
 // cmd_xclient: ADDR, PORT, SESSION, TTL; Dovecot 2.3 ignores other keys, but
 // usher sends only those), so the backend logs and rate-limits the real
-// client and ties its log lines to usher's session ID.
+// client and ties its log lines to usher's session ID. managesieve-login
+// reads the arguments as atoms, so a session ID must be one.
 func xclientLine(sess *proxy.Session) string {
-	var sb strings.Builder
-	sb.WriteString("XCLIENT")
-	if sess.Remote.IsValid() {
-		// Dovecot parses ADDR with net_addr2ip: a bare address, no zone,
-		// IPv4-mapped IPv6 shown as IPv4.
-		sb.WriteString(" ADDR=")
-		sb.WriteString(sess.Remote.Addr().Unmap().WithZone("").String())
-		if p := sess.Remote.Port(); p != 0 {
-			sb.WriteString(" PORT=")
-			sb.WriteString(strconv.Itoa(int(p)))
-		}
-	}
-	if validSessionID(sess.ID) {
-		sb.WriteString(" SESSION=")
-		sb.WriteString(sess.ID)
-	}
-	sb.WriteString(" TTL=")
-	sb.WriteString(strconv.Itoa(proxyTTL - 1))
-	return sb.String()
-}
-
-// validSessionID reports whether id can be sent as an XCLIENT atom value.
-func validSessionID(id string) bool {
-	if id == "" || len(id) > maxSessionID {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		if !isAtomChar(id[i]) {
-			return false
-		}
-	}
-	return true
+	a := xclient.For(sess.Remote, sess.ID, isAtomChar)
+	return xclient.Line([]xclient.Attr{a.Addr, a.Port, a.Session, a.TTL}, nil)
 }

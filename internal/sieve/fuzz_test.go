@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
-	"net"
 	"net/netip"
 	"slices"
 	"testing"
@@ -12,6 +11,8 @@ import (
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -21,17 +22,17 @@ import (
 // commands are well formed, and every string argument survives usher's
 // encoding (quoted or literal, both directions) and parses back the same.
 func FuzzParseCommand(f *testing.F) {
-	lim := frameLimits{literal: 1024, literals: 4, total: 8192}
+	lim := wire.FrameLimits{Literal: 1024, Literals: 4, Total: 8192}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		r := wire.NewReaderFrom(bytes.NewReader(data), 0)
 		for range 50 {
-			fr, err := readFrame(r, lim)
+			fr, err := r.ReadFrame(lim, nil)
 			if err != nil {
 				return
 			}
-			again, err := readFrame(wire.NewReaderFrom(bytes.NewReader(fr.bytes()), 0), lim)
-			if err != nil || !slices.EqualFunc(again.lines, fr.lines, bytes.Equal) || !slices.EqualFunc(again.lits, fr.lits, bytes.Equal) {
-				t.Fatalf("frame %q re-frames as %+v (%v)", fr.bytes(), again, err)
+			again, err := wire.NewReaderFrom(bytes.NewReader(fr.Bytes()), 0).ReadFrame(lim, nil)
+			if err != nil || !slices.EqualFunc(again.Lines, fr.Lines, bytes.Equal) || !slices.EqualFunc(again.Lits, fr.Lits, bytes.Equal) {
+				t.Fatalf("frame %q re-frames as %+v (%v)", fr.Bytes(), again, err)
 			}
 			args, perr := parseArgs(fr)
 			cmd, err := parseCommand(fr)
@@ -41,41 +42,17 @@ func FuzzParseCommand(f *testing.F) {
 			if perr != nil || len(args) != len(cmd.args)+1 {
 				t.Fatalf("command %+v but args %+v (%v)", cmd, args, perr)
 			}
-			if cmd.name == "" || cmd.name != asciiUpper(cmd.name) {
+			if cmd.name == "" || cmd.name != wire.UpperASCII(cmd.name) {
 				t.Fatalf("malformed command %+v", cmd)
 			}
 			for _, a := range cmd.args {
-				if a.kind == argString {
-					roundTrip(t, a.s)
+				if a.Kind == wire.String {
+					roundTrip(t, a.S)
 				}
 			}
 		}
 	})
 }
-
-// refusingDirector never has a backend.
-type refusingDirector struct{}
-
-func (refusingDirector) Acquire(context.Context, string) (*proxy.Lease, error) {
-	return nil, proxy.ErrUnavailable
-}
-
-// memConn is an in-memory client connection: reads come from a fixed input
-// and end with EOF, writes are collected. Reads never block, so deadlines
-// are not needed.
-type memConn struct {
-	in  *bytes.Reader
-	out bytes.Buffer
-}
-
-func (m *memConn) Read(p []byte) (int, error)         { return m.in.Read(p) }
-func (m *memConn) Write(p []byte) (int, error)        { return m.out.Write(p) }
-func (m *memConn) Close() error                       { return nil }
-func (m *memConn) LocalAddr() net.Addr                { return &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4190} }
-func (m *memConn) RemoteAddr() net.Addr               { return &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 40000} }
-func (m *memConn) SetDeadline(t time.Time) error      { return nil }
-func (m *memConn) SetReadDeadline(t time.Time) error  { return nil }
-func (m *memConn) SetWriteDeadline(t time.Time) error { return nil }
 
 // FuzzPreLogin feeds arbitrary client bytes to the unauthenticated state
 // over an in-memory connection, with a Director that refuses every user.
@@ -83,13 +60,16 @@ func (m *memConn) SetWriteDeadline(t time.Time) error { return nil }
 // everything usher said before any TLS handshake must be well-formed
 // ManageSieve responses.
 func FuzzPreLogin(f *testing.F) {
-	srvTLS, _ := testTLS(f)
-	srv := New(Options{Director: refusingDirector{}, IdleTimeout: 2 * time.Second, MaxLiteral: 1024})
+	srvTLS := testutil.LoopbackPKI(f).Server
+	local, remote := netip.MustParseAddrPort("127.0.0.1:4190"), netip.MustParseAddrPort("192.0.2.1:40000")
 	f.Fuzz(func(t *testing.T, data []byte) {
-		conn := &memConn{in: bytes.NewReader(data)}
+		d := proxytest.NewDirector(netip.Addr{})
+		d.SetErr(proxy.ErrUnavailable)
+		srv := New(Options{Director: d, IdleTimeout: 2 * time.Second, MaxLiteral: 1024})
+		conn := testutil.NewMemConn(data, local, remote)
 		sess := &proxy.Session{
 			ID: "fuzz", Proto: "sieve", Conn: conn,
-			Remote: netip.MustParseAddrPort("192.0.2.1:40000"), Local: netip.MustParseAddrPort("127.0.0.1:4190"),
+			Remote: remote, Local: local,
 			Start: time.Now(), Log: slog.New(slog.DiscardHandler),
 			// The first byte picks trusted or not, to reach both paths.
 			TLSMode: config.TLSStartTLS, TLSConfig: srvTLS, Trusted: len(data) > 0 && data[0]&1 == 1,
@@ -104,7 +84,10 @@ func FuzzPreLogin(f *testing.F) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("Serve did not return")
 		}
-		checkResponses(t, conn.out.Bytes())
+		if n := d.Acquired(); n != 0 {
+			t.Fatalf("%d leases acquired from a refusing director", n)
+		}
+		checkResponses(t, conn.Output())
 	})
 }
 
@@ -119,23 +102,23 @@ func checkResponses(t *testing.T, out []byte) {
 		t.Fatalf("unterminated output %q", out)
 	}
 	r := wire.NewReaderFrom(bytes.NewReader(out), 0)
-	lim := frameLimits{literal: 1 << 20, literals: 4, total: 2 << 20}
+	lim := wire.FrameLimits{Literal: 1 << 20, Literals: 4, Total: 2 << 20}
 	bye := false
 	for {
-		f, err := readFrame(r, lim)
+		f, err := r.ReadFrame(lim, nil)
 		if err != nil {
 			return // io.EOF: all consumed (other errors fail the checks below first)
 		}
 		if bye {
-			t.Fatalf("output after BYE: %q", f.bytes())
+			t.Fatalf("output after BYE: %q", f.Bytes())
 		}
 		args, err := parseArgs(f)
 		if err != nil {
-			t.Fatalf("response %q does not parse: %v", f.bytes(), err)
+			t.Fatalf("response %q does not parse: %v", f.Bytes(), err)
 		}
 		if resp, ok := toResponse(f, args); ok {
 			if resp.text == "" {
-				t.Fatalf("response without text: %q", f.bytes())
+				t.Fatalf("response without text: %q", f.Bytes())
 			}
 			bye = resp.status == "BYE"
 			if resp.status == "OK" && resp.text == "Begin TLS negotiation now." {
@@ -143,8 +126,8 @@ func checkResponses(t *testing.T, out []byte) {
 			}
 			continue
 		}
-		if len(args) == 0 || len(args) > 2 || !args[0].isString() || (len(args) == 2 && !args[1].isString()) {
-			t.Fatalf("invalid line %q", f.bytes())
+		if len(args) == 0 || len(args) > 2 || !args[0].IsString() || (len(args) == 2 && !args[1].IsString()) {
+			t.Fatalf("invalid line %q", f.Bytes())
 		}
 	}
 }

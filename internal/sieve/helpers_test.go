@@ -1,96 +1,21 @@
 package sieve
 
 import (
-	"bufio"
-	"bytes"
-	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
-	"errors"
-	"log/slog"
-	"math/big"
 	"net"
 	"net/netip"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/testutil"
+	"github.com/usher-mail/usher/internal/testutil/proxytest"
 	"github.com/usher-mail/usher/internal/wire"
 )
-
-// testTLS returns a server config with a fresh self-signed certificate for
-// 127.0.0.1 and a pool that trusts it.
-func testTLS(t testing.TB) (*tls.Config, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "usher test"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:              []string{"localhost"},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key, Leaf: cert}}}, pool
-}
-
-// fakeDirector hands out leases on one backend IP, or fails with err.
-type fakeDirector struct {
-	mu       sync.Mutex
-	ip       netip.Addr
-	err      error
-	done     chan struct{}
-	users    []string
-	acquired int
-	released int
-}
-
-func (d *fakeDirector) Acquire(_ context.Context, user string) (*proxy.Lease, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.users = append(d.users, user)
-	if d.err != nil {
-		return nil, d.err
-	}
-	d.acquired++
-	return proxy.NewLease(user, d.ip, d.done, func() {
-		d.mu.Lock()
-		d.released++
-		d.mu.Unlock()
-	}), nil
-}
-
-func (d *fakeDirector) counts() (acquired, released int, users []string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.acquired, d.released, append([]string(nil), d.users...)
-}
 
 // beEvent is one command the fake backend received.
 type beEvent struct {
@@ -120,10 +45,7 @@ type fakeBackend struct {
 
 func newFakeBackend(t testing.TB, setup func(*fakeBackend)) *fakeBackend {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := testutil.Listen(t)
 	f := &fakeBackend{
 		t: t, ln: ln, sasl: "PLAIN LOGIN",
 		users:  map[string]string{"alice": "secret"},
@@ -132,20 +54,11 @@ func newFakeBackend(t testing.TB, setup func(*fakeBackend)) *fakeBackend {
 	if setup != nil {
 		setup(f)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go f.serve(c)
-		}
-	}()
+	testutil.Serve(t, ln, func(c net.Conn, _ int) { f.serve(c) })
 	return f
 }
 
-func (f *fakeBackend) port() int { return f.ln.Addr().(*net.TCPAddr).Port }
+func (f *fakeBackend) port() int { return testutil.Port(f.ln) }
 
 func (f *fakeBackend) next(t testing.TB) beEvent {
 	t.Helper()
@@ -205,13 +118,13 @@ func (f *fakeBackend) serve(conn net.Conn) {
 	secure, loggedIn := false, false
 	w(f.capabilities(secure))
 	r := wire.NewReader(conn, 10*time.Second, 0)
-	lim := frameLimits{literal: 1 << 20, literals: 16, total: 4 << 20}
+	lim := wire.FrameLimits{Literal: 1 << 20, Literals: 16, Total: 4 << 20}
 	for {
-		fr, err := readFrame(r, lim)
+		fr, err := r.ReadFrame(lim, nil)
 		if err != nil {
 			return
 		}
-		ev := beEvent{raw: string(fr.bytes()), tls: secure, post: loggedIn}
+		ev := beEvent{raw: string(fr.Bytes()), tls: secure, post: loggedIn}
 		cmd, err := parseCommand(fr)
 		if err != nil {
 			ev.name = "PARSE-ERROR"
@@ -221,7 +134,7 @@ func (f *fakeBackend) serve(conn net.Conn) {
 		}
 		ev.name = cmd.name
 		for _, a := range cmd.args {
-			ev.args = append(ev.args, a.s)
+			ev.args = append(ev.args, a.S)
 		}
 		if loggedIn {
 			f.events <- ev
@@ -254,24 +167,24 @@ func (f *fakeBackend) serve(conn net.Conn) {
 				w("OK \"Updated\"\r\n")
 			}
 		case "AUTHENTICATE":
-			if len(cmd.args) == 0 || !cmd.args[0].isString() || asciiUpper(cmd.args[0].s) != "PLAIN" {
+			if len(cmd.args) == 0 || !cmd.args[0].IsString() || wire.UpperASCII(cmd.args[0].S) != "PLAIN" {
 				f.events <- ev
 				w("NO \"Unsupported authentication mechanism.\"\r\n")
 				continue
 			}
 			resp := ""
 			if len(cmd.args) == 2 {
-				resp = cmd.args[1].s
+				resp = cmd.args[1].S
 			} else {
 				w("\"\"\r\n")
-				fr, err := readFrame(r, lim)
+				fr, err := r.ReadFrame(lim, nil)
 				if err != nil {
 					return
 				}
-				ev.raw += string(fr.bytes())
+				ev.raw += string(fr.Bytes())
 				args, _ := parseArgs(fr)
 				if len(args) == 1 {
-					resp = args[0].s
+					resp = args[0].S
 				}
 			}
 			var user, pass string
@@ -307,195 +220,52 @@ func (f *fakeBackend) serve(conn net.Conn) {
 	}
 }
 
-// syncBuffer collects log output.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// tclient is the test's ManageSieve client.
-type tclient struct {
-	t    testing.TB
-	conn net.Conn
-	br   *bufio.Reader
-}
-
-func (c *tclient) send(s string) {
-	c.t.Helper()
-	_ = c.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.conn.Write([]byte(s)); err != nil {
-		c.t.Fatalf("client write: %v", err)
-	}
-}
-
-// line reads one server line without CRLF.
-func (c *tclient) line() string {
-	c.t.Helper()
-	_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	l, err := c.br.ReadString('\n')
-	if err != nil {
-		c.t.Fatalf("client read: %v (got %q)", err, l)
-	}
-	return strings.TrimRight(l, "\r\n")
-}
-
-// expect reads one line and checks its prefix.
-func (c *tclient) expect(prefix string) string {
-	c.t.Helper()
-	l := c.line()
-	if !strings.HasPrefix(l, prefix) {
-		c.t.Fatalf("got %q, want prefix %q", l, prefix)
-	}
-	return l
-}
-
 // capabilities reads capability lines up to the OK and returns them by
 // upper-cased name, and the OK line.
-func (c *tclient) capabilities() (map[string]string, string) {
-	c.t.Helper()
+func capabilities(c *testutil.Client) (map[string]string, string) {
+	c.T.Helper()
 	caps := map[string]string{}
 	for range 50 {
-		l := c.line()
+		l := c.Line()
 		if strings.HasPrefix(l, "OK") {
 			return caps, l
 		}
-		f := &rawFrame{lines: [][]byte{[]byte(l)}}
+		f := &wire.Frame{Lines: [][]byte{[]byte(l)}}
 		args, err := parseArgs(f)
-		if err != nil || len(args) == 0 || len(args) > 2 || !args[0].isString() {
-			c.t.Fatalf("invalid capability line %q (%v)", l, err)
+		if err != nil || len(args) == 0 || len(args) > 2 || !args[0].IsString() {
+			c.T.Fatalf("invalid capability line %q (%v)", l, err)
 		}
-		name := strings.ToUpper(args[0].s)
+		name := strings.ToUpper(args[0].S)
 		if _, dup := caps[name]; dup {
-			c.t.Errorf("capability %s listed twice", name)
+			c.T.Errorf("capability %s listed twice", name)
 		}
 		caps[name] = ""
 		if len(args) == 2 {
-			caps[name] = args[1].s
+			caps[name] = args[1].S
 		}
 	}
-	c.t.Fatal("capability response without OK")
+	c.T.Fatal("capability response without OK")
 	return nil, ""
-}
-
-// expectClosed checks that the server closed the connection.
-func (c *tclient) expectClosed() {
-	c.t.Helper()
-	_ = c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-	l, err := c.br.ReadString('\n')
-	if err == nil || isTimeout(err) {
-		c.t.Fatalf("connection still open (read %q, err %v)", l, err)
-	}
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// startTLS upgrades the client connection after a STARTTLS OK.
-func (c *tclient) startTLS(pool *x509.CertPool) {
-	c.t.Helper()
-	tc := tls.Client(c.conn, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"})
-	_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
-	if err := tc.Handshake(); err != nil {
-		c.t.Fatalf("client TLS handshake: %v", err)
-	}
-	c.conn, c.br = tc, bufio.NewReader(tc)
-}
-
-// session is one Serve run against a test client.
-type session struct {
-	client *tclient
-	sess   *proxy.Session
-	logs   *syncBuffer
-	cancel context.CancelFunc
-	reason chan string
-}
-
-// waitReason returns Serve's end reason.
-func (s *session) waitReason(t testing.TB) string {
-	t.Helper()
-	select {
-	case r := <-s.reason:
-		s.reason <- r
-		return r
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-		return ""
-	}
 }
 
 // startSession runs srv.Serve on a fresh TCP connection on 127.0.0.1; setup
 // may change the session before Serve starts. The session is trusted and
 // without TLS unless setup says otherwise.
-func startSession(t testing.TB, srv *Server, setup func(*proxy.Session)) *session {
+func startSession(t testing.TB, srv *Server, setup func(*proxy.Session)) *proxytest.Session {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	cc, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	sc, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &syncBuffer{}
-	ap := func(a net.Addr) netip.AddrPort { return a.(*net.TCPAddr).AddrPort() }
-	sess := &proxy.Session{
-		ID: "sess-1", Proto: "sieve", Conn: sc, Remote: ap(sc.RemoteAddr()), Local: ap(sc.LocalAddr()),
-		Start: time.Now(), TLSMode: config.TLSNone, Trusted: true,
-		Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	}
-	if setup != nil {
-		setup(sess)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s := &session{client: &tclient{t: t, conn: cc, br: bufio.NewReader(cc)}, sess: sess, logs: logs,
-		cancel: cancel, reason: make(chan string, 1)}
-	go func() {
-		r := srv.Serve(ctx, sess)
-		sess.Conn.Close()
-		sc.Close()
-		s.reason <- r
-	}()
-	t.Cleanup(func() {
-		cancel()
-		s.client.conn.Close()
-		select {
-		case <-s.reason:
-		case <-time.After(5 * time.Second):
-			t.Error("Serve did not return after cancel")
-		}
-	})
-	return s
+	return proxytest.StartSession(t, srv, proxytest.SessionOptions{Proto: "sieve", ID: "sess-1", Trusted: true, Setup: setup})
 }
 
 // greet reads the greeting (capabilities and OK).
-func (s *session) greet() map[string]string {
-	caps, _ := s.client.capabilities()
+func greet(s *proxytest.Session) map[string]string {
+	caps, _ := capabilities(s.Client)
 	return caps
 }
 
 // newTestServer returns a Server whose director points at be (nil: a
 // director refusing with proxy.ErrUnavailable).
-func newTestServer(be *fakeBackend, mod func(*Options)) (*Server, *fakeDirector) {
-	d := &fakeDirector{ip: netip.MustParseAddr("127.0.0.1")}
+func newTestServer(be *fakeBackend, mod func(*Options)) (*Server, *proxytest.Director) {
+	d := proxytest.NewDirector(netip.MustParseAddr("127.0.0.1"))
 	o := Options{
 		Director:    d,
 		Backend:     proxy.BackendOptions{TLS: config.TLSNone, ConnectTimeout: 2 * time.Second, LoginTimeout: 3 * time.Second},
@@ -504,7 +274,7 @@ func newTestServer(be *fakeBackend, mod func(*Options)) (*Server, *fakeDirector)
 	if be != nil {
 		o.Backend.Port = be.port()
 	} else {
-		d.err = proxy.ErrUnavailable
+		d.SetErr(proxy.ErrUnavailable)
 	}
 	if mod != nil {
 		mod(&o)
@@ -527,13 +297,13 @@ func lit(s string, nonSync bool) string {
 
 // checkSpliced uploads a script after login and checks that the backend gets
 // it verbatim and its answer comes back.
-func checkSpliced(t *testing.T, c *tclient, be *fakeBackend) {
+func checkSpliced(t *testing.T, c *testutil.Client, be *fakeBackend) {
 	t.Helper()
 	script := "require \"fileinto\";\r\nfileinto \"Junk\";\r\n"
-	c.send(`PUTSCRIPT "usher-test" ` + lit(script, true) + "\r\n")
+	c.Write(`PUTSCRIPT "usher-test" ` + lit(script, true) + "\r\n")
 	ev := be.nextNamed(t, "PUTSCRIPT")
 	if !ev.post || len(ev.args) != 2 || ev.args[0] != "usher-test" || ev.args[1] != script {
 		t.Errorf("backend got PUTSCRIPT %q (after login: %v)", ev.args, ev.post)
 	}
-	c.expect(`OK "putscript done"`)
+	c.ExpectPrefix(`OK "putscript done"`)
 }

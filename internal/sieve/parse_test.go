@@ -9,48 +9,22 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
-var testLimits = frameLimits{literal: 1 << 20, literals: 16, total: 4 << 20}
+var testLimits = wire.FrameLimits{Literal: 1 << 20, Literals: 16, Total: 4 << 20}
 
 // frame reads all frames of s.
-func frame(s string, lim frameLimits) ([]*rawFrame, error) {
+func frame(s string, lim wire.FrameLimits) ([]*wire.Frame, error) {
 	r := wire.NewReaderFrom(strings.NewReader(s), 0)
-	var out []*rawFrame
+	var out []*wire.Frame
 	for {
-		f, err := readFrame(r, lim)
+		f, err := r.ReadFrame(lim, nil)
 		if err != nil {
 			return out, err
 		}
 		out = append(out, f)
-	}
-}
-
-func TestLiteralMarker(t *testing.T) {
-	tests := []struct {
-		line  string
-		start int
-		n     int64
-		ok    bool
-	}{
-		{"NOOP {3+}", 5, 3, true},
-		{"NOOP {3}", 5, 3, true},
-		{"{0}", 0, 0, true},
-		{"x {99999999999999999999+}", 2, 1 << 33, true},
-		{"x {+}", 0, 0, false},
-		{"x {}", 0, 0, false},
-		{"x {3++}", 0, 0, false},
-		{"x {-3}", 0, 0, false},
-		{"x {3} ", 0, 0, false},
-		{"}", 0, 0, false},
-		{"x 3}", 0, 0, false},
-	}
-	for _, tc := range tests {
-		start, n, ok := literalMarker([]byte(tc.line))
-		if ok != tc.ok || (ok && (start != tc.start || n < tc.n || (tc.n < 1<<33 && n != tc.n))) {
-			t.Errorf("literalMarker(%q) = %d, %d, %v; want %d, %d, %v", tc.line, start, n, ok, tc.start, tc.n, tc.ok)
-		}
 	}
 }
 
@@ -100,10 +74,10 @@ func TestParseCommand(t *testing.T) {
 		var got []string
 		for _, a := range cmd.args {
 			k := "a:"
-			if a.kind == argString {
+			if a.Kind == wire.String {
 				k = "s:"
 			}
-			got = append(got, k+a.s)
+			got = append(got, k+a.S)
 		}
 		if cmd.name != tc.name || !slices.Equal(got, tc.args) {
 			t.Errorf("parseCommand(%q) = %s %q, want %s %q", tc.in, cmd.name, got, tc.name, tc.args)
@@ -142,8 +116,8 @@ func TestParseResponse(t *testing.T) {
 		if ok != tc.ok || (ok && (r.status != tc.status || r.code != tc.code || r.text != tc.text)) {
 			t.Errorf("toResponse(%q) = %+v, %v", tc.in, r, ok)
 		}
-		if ok && string(r.frame.bytes()) != tc.in {
-			t.Errorf("frame of %q renders as %q", tc.in, r.frame.bytes())
+		if ok && string(r.frame.Bytes()) != tc.in {
+			t.Errorf("frame of %q renders as %q", tc.in, r.frame.Bytes())
 		}
 	}
 }
@@ -154,13 +128,13 @@ func TestFrameBytesKeepsLiterals(t *testing.T) {
 	if len(fs) != 2 || err != io.EOF {
 		t.Fatalf("framed as %d frames, err %v", len(fs), err)
 	}
-	if got := string(fs[0].bytes()) + string(fs[1].bytes()); got != in {
+	if got := string(fs[0].Bytes()) + string(fs[1].Bytes()); got != in {
 		t.Errorf("frames render as %q, want %q", got, in)
 	}
 }
 
 func TestReadFrameLimits(t *testing.T) {
-	lim := frameLimits{literal: 10, literals: 2, total: 100}
+	lim := wire.FrameLimits{Literal: 10, Literals: 2, Total: 100}
 	tests := []struct {
 		in  string
 		err error
@@ -204,7 +178,7 @@ func TestAppendString(t *testing.T) {
 }
 
 func TestAuthCommand(t *testing.T) {
-	cr := &credentials{authzid: "z", authcid: "u", password: "p"}
+	cr := &sasl.Credentials{Authzid: "z", Authcid: "u", Password: "p"}
 	want := `AUTHENTICATE "PLAIN" "` + plainB64("z", "u", "p") + "\"\r\n"
 	if got := string(authCommand(cr)); got != want {
 		t.Errorf("authCommand = %q, want %q", got, want)
@@ -234,7 +208,7 @@ func roundTrip(t *testing.T, s string) {
 	t.Helper()
 	for _, fromClient := range []bool{true, false} {
 		enc := string(appendString([]byte("NOOP "), s, fromClient)) + "\r\n"
-		fs, err := frame(enc, frameLimits{literal: 1 << 20, literals: 1, total: 2 << 20})
+		fs, err := frame(enc, wire.FrameLimits{Literal: 1 << 20, Literals: 1, Total: 2 << 20})
 		if len(fs) != 1 || err != io.EOF {
 			t.Fatalf("encoding of %q framed as %d frames, err %v", s, len(fs), err)
 		}
@@ -242,7 +216,7 @@ func roundTrip(t *testing.T, s string) {
 		if err != nil {
 			t.Fatalf("encoding of %q does not parse: %v", s, err)
 		}
-		if cmd.name != "NOOP" || len(cmd.args) != 1 || cmd.args[0].kind != argString || cmd.args[0].s != s {
+		if cmd.name != "NOOP" || len(cmd.args) != 1 || cmd.args[0].Kind != wire.String || cmd.args[0].S != s {
 			t.Fatalf("encoding %q of %q parses as %s %+v", enc, s, cmd.name, cmd.args)
 		}
 	}

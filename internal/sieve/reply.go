@@ -131,5 +131,5 @@ func (r reply) format() string {
 		b = append(b, ')')
 	}
 	b = append(b, ' ')
-	return string(appendQuoted(b, r.text))
+	return string(wire.AppendQuoted(b, r.text))
 }

@@ -35,17 +35,16 @@ package sieve
 import (
 	"context"
 	"crypto/tls"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
-	"strings"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
 	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -68,9 +67,6 @@ const (
 	// implementation is the IMPLEMENTATION capability (RFC 5804 section 1.7).
 	implementation = "usher"
 )
-
-// pastDeadline is a deadline in the past: it makes a blocked read return.
-var pastDeadline = time.Unix(1, 0)
 
 // Options configures the ManageSieve front end.
 type Options struct {
@@ -111,27 +107,13 @@ func (s *Server) Serve(ctx context.Context, sess *proxy.Session) (reason string)
 		log = slog.New(slog.DiscardHandler)
 	}
 	c := &client{srv: s, sess: sess, raw: sess.Conn, log: log}
-	c.r = wire.NewReader(guardedConn{sess.Conn, ctx}, s.o.IdleTimeout, wire.DefaultMaxLine)
-	// Make a blocked read return when ctx ends; guardedConn keeps later
+	c.r = wire.NewReaderContext(ctx, sess.Conn, s.o.IdleTimeout, wire.DefaultMaxLine)
+	// Make a blocked read return when ctx ends; the Reader keeps later
 	// deadlines in the past.
-	stop := context.AfterFunc(ctx, func() { _ = c.raw.SetReadDeadline(pastDeadline) })
+	stop := wire.WatchContext(ctx, c.raw)
 	c.stopWatch = stop
 	defer stop()
 	return c.run(ctx)
-}
-
-// guardedConn keeps read deadlines in the past once ctx has ended, so that a
-// deadline set by wire.Reader cannot undo the cancellation.
-type guardedConn struct {
-	net.Conn
-	ctx context.Context
-}
-
-func (g guardedConn) SetReadDeadline(t time.Time) error {
-	if g.ctx.Err() != nil {
-		t = pastDeadline
-	}
-	return g.Conn.SetReadDeadline(t)
 }
 
 // client is the state of one session before login.
@@ -148,11 +130,11 @@ type client struct {
 }
 
 // limits bound one client command before login.
-func (c *client) limits() frameLimits {
-	return frameLimits{
-		literal:  c.srv.o.MaxLiteral,
-		literals: maxLiterals,
-		total:    maxLiterals*c.srv.o.MaxLiteral + (maxLiterals+1)*wire.DefaultMaxLine,
+func (c *client) limits() wire.FrameLimits {
+	return wire.FrameLimits{
+		Literal:  c.srv.o.MaxLiteral,
+		Literals: maxLiterals,
+		Total:    maxLiterals*c.srv.o.MaxLiteral + (maxLiterals+1)*wire.DefaultMaxLine,
 	}
 }
 
@@ -165,8 +147,8 @@ func (c *client) run(ctx context.Context) string {
 		if ctx.Err() != nil {
 			err = errShutdown
 		} else {
-			var f *rawFrame
-			f, err = readFrame(c.r, c.limits())
+			var f *wire.Frame
+			f, err = c.r.ReadFrame(c.limits(), nil)
 			if err != nil {
 				err = c.readErr(ctx, err)
 			} else {
@@ -247,7 +229,7 @@ func ok(code, text string) []byte {
 		b = append(b, ')')
 	}
 	b = append(b, ' ')
-	b = appendQuoted(b, text)
+	b = wire.AppendQuoted(b, text)
 	return append(b, "\r\n"...)
 }
 
@@ -324,8 +306,8 @@ func (c *client) cmdNoop(cmd *command) error {
 	switch {
 	case len(cmd.args) == 0:
 		return c.write(ok("", "NOOP completed."))
-	case len(cmd.args) == 1 && cmd.args[0].isString():
-		code := appendString([]byte("TAG "), cmd.args[0].s, false)
+	case len(cmd.args) == 1 && cmd.args[0].IsString():
+		code := appendString([]byte("TAG "), cmd.args[0].S, false)
 		return c.write(ok(string(code), "Done"))
 	}
 	return errArgs
@@ -355,61 +337,21 @@ func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 		return fmt.Errorf("%w: %w", errTLSHandshake, err)
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
-	c.r = wire.NewReader(guardedConn{tc, ctx}, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
+	c.r = wire.NewReaderContext(ctx, tc, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
 	c.log.Debug("starttls done", "tls_version", tls.VersionName(tc.ConnectionState().Version))
 	// RFC 5804 section 2.2: after the handshake the server re-issues the
 	// capabilities, followed by OK, without being asked.
 	return c.write(c.capabilities("TLS negotiation successful."))
 }
 
-// credentials is what the client gave to log in. It must never reach a log:
-// String and LogValue hide the password.
-type credentials struct {
-	authzid  string
-	authcid  string
-	password string
-}
-
-// user is the login name the backend is chosen for: the authorization
-// identity when one is given (a master user logging in as someone), else the
-// authentication identity (RFC 4616 section 2).
-func (cr *credentials) user() string {
-	if cr.authzid != "" {
-		return cr.authzid
-	}
-	return cr.authcid
-}
-
-func (cr *credentials) String() string       { return "PLAIN " + cr.user() + " <password hidden>" }
-func (cr *credentials) GoString() string     { return cr.String() }
-func (cr *credentials) LogValue() slog.Value { return slog.StringValue(cr.String()) }
-
-// plainMessage is the RFC 4616 section 2 message, to replay to the backend.
-func (cr *credentials) plainMessage() []byte {
-	return []byte(cr.authzid + "\x00" + cr.authcid + "\x00" + cr.password)
-}
-
-// validUser refuses names that cannot be routed or logged sanely.
-func validUser(u string) bool {
-	if u == "" {
-		return false
-	}
-	for i := 0; i < len(u); i++ {
-		if u[i] < ' ' || u[i] == 0x7f {
-			return false
-		}
-	}
-	return true
-}
-
 // cmdAuthenticate handles AUTHENTICATE "PLAIN" (RFC 5804 section 2.1, RFC
 // 4616), with an initial response or after an empty challenge.
 func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 	// auth-type is a string (RFC 5804 section 4); Dovecot refuses an atom.
-	if len(cmd.args) < 1 || len(cmd.args) > 2 || !cmd.args[0].isString() {
+	if len(cmd.args) < 1 || len(cmd.args) > 2 || !cmd.args[0].IsString() {
 		return errArgs
 	}
-	if asciiUpper(cmd.args[0].s) != "PLAIN" {
+	if wire.UpperASCII(cmd.args[0].S) != "PLAIN" {
 		return errMechanism
 	}
 	if !c.sess.PlaintextAllowed() {
@@ -417,17 +359,17 @@ func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 	}
 	var resp string
 	if len(cmd.args) == 2 {
-		if !cmd.args[1].isString() {
+		if !cmd.args[1].IsString() {
 			return errArgs
 		}
-		resp = cmd.args[1].s
+		resp = cmd.args[1].S
 	} else {
 		// RFC 5804 section 2.1: the server challenge is a string (empty for
 		// PLAIN); the client answers with a string on a line of its own.
 		if err := c.writeLine(`""`); err != nil {
 			return err
 		}
-		f, err := readFrame(c.r, c.limits())
+		f, err := c.r.ReadFrame(c.limits(), nil)
 		if err != nil {
 			return c.readErr(ctx, err)
 		}
@@ -435,62 +377,34 @@ func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 		if err != nil {
 			return err
 		}
-		if len(args) != 1 || !(args[0].isString() || args[0].s == "*") {
+		if len(args) != 1 || !(args[0].IsString() || args[0].S == "*") {
 			return errArgs
 		}
-		resp = args[0].s
+		resp = args[0].S
 	}
 	// RFC 5804 section 2.1: "*" cancels the exchange. A bare * is taken
 	// too, as IMAP clients send it.
 	if resp == "*" {
 		return errCanceled
 	}
-	msg, err := decodeBase64(resp)
+	msg, err := sasl.DecodeResponse(resp)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errBase64, err)
 	}
-	cr, err := decodePlain(msg)
+	cr, err := sasl.PlainCredentials(msg)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: %w", errCredentials, err)
 	}
 	return c.login(ctx, cr)
-}
-
-// decodeBase64 decodes a SASL response (RFC 4648 section 4); padding is
-// optional because some clients omit it.
-func decodeBase64(s string) ([]byte, error) {
-	enc := base64.StdEncoding
-	if len(s)%4 != 0 {
-		enc = base64.RawStdEncoding
-	}
-	b, err := enc.Strict().DecodeString(s)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", errBase64, err)
-	}
-	return b, nil
-}
-
-// decodePlain splits a PLAIN message: [authzid] NUL authcid NUL passwd (RFC
-// 4616 section 2).
-func decodePlain(msg []byte) (*credentials, error) {
-	parts := strings.Split(string(msg), "\x00")
-	if len(parts) != 3 {
-		return nil, fmt.Errorf("%w: PLAIN message needs 3 fields", errCredentials)
-	}
-	cr := &credentials{authzid: parts[0], authcid: parts[1], password: parts[2]}
-	if !validUser(cr.authcid) || cr.password == "" || (cr.authzid != "" && !validUser(cr.authzid)) {
-		return nil, fmt.Errorf("%w: empty or invalid PLAIN field", errCredentials)
-	}
-	return cr, nil
 }
 
 // login runs one login attempt: acquire the user's backend, replay the login
 // there and relay the answer. On success it splices the connections and
 // returns the sessionEnd; on a rejected login it returns nil (the client may
 // retry); an unusable backend yields errUnavailable.
-func (c *client) login(ctx context.Context, cr *credentials) error {
+func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 	start := time.Now()
-	user := cr.user()
+	user := cr.User()
 	c.sess.User = user
 	log := c.log.With("user", user)
 	lease, err := c.srv.o.Director.Acquire(ctx, user)
@@ -525,7 +439,7 @@ func (c *client) login(ctx context.Context, cr *credentials) error {
 		return fmt.Errorf("%w: %w", errUnavailable, err)
 	}
 	// The backend's answer goes to the client as it is, literals included.
-	answer := final.frame.bytes()
+	answer := final.frame.Bytes()
 	if final.status != "OK" {
 		// Back to the unauthenticated state: the client may try again.
 		b.logout()

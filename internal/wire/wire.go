@@ -7,6 +7,14 @@
 // reported as ErrLineTooLong so the caller can answer with a protocol error
 // and carry on, while a peer that keeps streaming without a line end gets
 // ErrTooMuch and should be disconnected.
+//
+// Beyond lines and literals, wire holds what the line protocols share above
+// them: the IMAP string syntax (frames of lines and literals, tokens, quoted
+// strings) that IMAP and ManageSieve both use (imapstr.go), and the
+// cancellation of blocked reads when a session is shut down (cancel.go).
+// Invariants there: a frame never exceeds its FrameLimits, a literal over
+// them is refused before a continuation request is sent, and once a
+// session's context has ended no read deadline can be set in the future.
 package wire
 
 import (
