@@ -70,23 +70,40 @@ func (r *Reader) deadline() error {
 // Buffered reports how many bytes were read from the connection but not yet
 // returned. After a STARTTLS command it must be 0, or the peer injected
 // plaintext that would be taken as sent over TLS (CVE-2011-0411 pattern).
-func (r *Reader) Buffered() int { return r.br.Buffered() }
+func (r *Reader) Buffered() int {
+	if r.br == nil {
+		return 0
+	}
+	return r.br.Buffered()
+}
 
-// Pending returns and consumes the bytes buffered but not yet returned, so
-// they can be forwarded when the connection is spliced.
+// Pending returns the bytes buffered but not yet returned, so they can be
+// forwarded when the connection is spliced, and ends the Reader: its buffer
+// is let go (an idle spliced session should not keep it), and later reads
+// fail with ErrDetached.
 func (r *Reader) Pending() []byte {
-	n := r.br.Buffered()
-	if n == 0 {
+	if r.br == nil {
 		return nil
 	}
-	b := make([]byte, n)
-	_, _ = io.ReadFull(r.br, b)
+	n := r.br.Buffered()
+	var b []byte
+	if n > 0 {
+		b = make([]byte, n)
+		_, _ = io.ReadFull(r.br, b)
+	}
+	r.br = nil
 	return b
 }
+
+// ErrDetached is returned by reads after Pending handed the connection over.
+var ErrDetached = errors.New("reader detached: the connection was handed over")
 
 // ReadLine returns the next line without its CRLF (a bare LF is accepted too).
 // The returned slice is only valid until the next read.
 func (r *Reader) ReadLine() ([]byte, error) {
+	if r.br == nil {
+		return nil, ErrDetached
+	}
 	var long []byte // only used when a line spans bufio's buffer
 	total := 0      // bytes of this line so far, line end included
 	prevCR := false // the previous chunk ended in CR
@@ -134,6 +151,9 @@ func (r *Reader) ReadLine() ([]byte, error) {
 func (r *Reader) ReadLiteral(n int) ([]byte, error) {
 	if n < 0 {
 		return nil, fmt.Errorf("read literal: negative length %d", n)
+	}
+	if r.br == nil {
+		return nil, ErrDetached
 	}
 	if err := r.deadline(); err != nil {
 		return nil, fmt.Errorf("set read deadline: %w", err)

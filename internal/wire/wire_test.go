@@ -296,9 +296,6 @@ func TestPending(t *testing.T) {
 	if r.Buffered() != 0 {
 		t.Fatalf("Buffered before any read = %d", r.Buffered())
 	}
-	if p := r.Pending(); p != nil {
-		t.Fatalf("Pending before any read = %q, want nil", p)
-	}
 	if got := readLine(t, r); got != "a1 STARTTLS" {
 		t.Fatalf("line = %q", got)
 	}
@@ -314,7 +311,19 @@ func TestPending(t *testing.T) {
 	if p := r.Pending(); p != nil {
 		t.Fatalf("second Pending = %q, want nil", p)
 	}
-	wantErr(t, r, io.EOF)
+	// Pending hands the connection over: the Reader lets its buffer go.
+	wantErr(t, r, wire.ErrDetached)
+	if _, err := r.ReadLiteral(1); !errors.Is(err, wire.ErrDetached) {
+		t.Fatalf("ReadLiteral after Pending: %v, want ErrDetached", err)
+	}
+}
+
+func TestPendingWithNothingBuffered(t *testing.T) {
+	r := wire.NewReaderFrom(strings.NewReader("x\r\n"), 64)
+	if p := r.Pending(); p != nil {
+		t.Fatalf("Pending before any read = %q, want nil", p)
+	}
+	wantErr(t, r, wire.ErrDetached)
 }
 
 // tcpPair returns both ends of a real 127.0.0.1 TCP connection.
