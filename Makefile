@@ -35,8 +35,13 @@ fuzz:
 	  done; \
 	done
 
+# Go microbenchmarks, then the side-by-side comparison of direct, usher and
+# the Dovecot 2.3 director (bench/compare.sh, about 10 minutes, root; it
+# rewrites docs/BENCHMARKS.md's results and docs/benchmark.png). BENCH_ARGS
+# go to test/cmd/compare, e.g. BENCH_ARGS="--rounds 5 --duration 20s".
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
+	GO=$(GO) bench/compare.sh $(BENCH_ARGS)
 
 demo:
 	test/scripts/demo.sh start
