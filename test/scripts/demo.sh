@@ -75,9 +75,12 @@ start() {
 		</dev/null >"$DEMO_DIR/demo.log" 2>&1 &
 	echo $! >"$PIDFILE"
 
+	local pid=$!
 	for _ in $(seq 300); do
 		[[ -f $RUN/ready ]] && break
-		if ! running; then
+		# Not `running`: right after the fork the child's cmdline is still
+		# the shell's. A zombie counts as exited.
+		if [[ $(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null) =~ ^(Z|X|)$ ]]; then
 			cat "$DEMO_DIR/demo.log" >&2
 			rm -f "$PIDFILE"
 			die "the demo supervisor exited during start-up (log above, $DEMO_DIR/demo.log)"
