@@ -29,7 +29,7 @@ e2e:
 # Run every fuzzer for FUZZTIME each (not part of `make test`).
 FUZZTIME ?= 30s
 fuzz:
-	@for pkg in ./internal/imap ./internal/pop3 ./internal/route ./internal/config; do \
+	@for pkg in ./internal/imap ./internal/pop3 ./internal/lmtp ./internal/sieve ./internal/wire ./internal/sasl ./internal/route ./internal/config; do \
 	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
 	    echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 	  done; \
