@@ -96,12 +96,13 @@ type Cause struct {
 	Time time.Time `json:"time"`
 }
 
+// localSession is one open session of this process; cancelling ctx kicks it.
 type localSession struct {
-	done chan struct{}
-	once sync.Once
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
-func (l *localSession) kick() { l.once.Do(func() { close(l.done) }) }
+func (l *localSession) kick() { l.cancel() }
 
 type nopObserver struct{}
 
@@ -309,7 +310,8 @@ func (d *Director) Acquire(ctx context.Context, user string) (*proxy.Lease, erro
 			d.mu.Unlock()
 			return nil, fmt.Errorf("acquire %q: %w", key, err)
 		}
-		ls := &localSession{done: make(chan struct{})}
+		kctx, kcancel := context.WithCancel(context.Background())
+		ls := &localSession{ctx: kctx, cancel: kcancel}
 		set := d.sessions[key]
 		if set == nil {
 			set = map[*localSession]struct{}{}
@@ -321,13 +323,14 @@ func (d *Director) Acquire(ctx context.Context, user string) (*proxy.Lease, erro
 			d.log.Info("user assigned", "user", key, "backend", res.Backend.String(), "tag", tag)
 		}
 		backend := res.Backend
-		return proxy.NewLease(key, backend, ls.done, func() { d.release(key, backend, ls) }), nil
+		return proxy.NewKickableLease(key, backend, kctx, func() { d.release(key, backend, ls) }), nil
 	}
 }
 
 func (d *Director) release(key string, backend netip.Addr, ls *localSession) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	ls.cancel() // frees the context; the session is over
 	if set := d.sessions[key]; set != nil {
 		delete(set, ls)
 		if len(set) == 0 {

@@ -490,6 +490,6 @@ func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) er
 	log.Info("login", "result", "ok", "elapsed", time.Since(start))
 	c.sess.LoginDone(proxy.LoginOK, lease.Backend, time.Since(start))
 	c.stopWatch()
-	reason := proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), b.conn, b.r.Pending(), lease.Done)
+	reason := proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), b.conn, b.r.Pending(), lease)
 	return &sessionEnd{reason}
 }

@@ -371,7 +371,7 @@ func (c *client) login(ctx context.Context, cr *credentials) (string, bool) {
 		bconn.Close()
 		return "shutdown", true
 	}
-	return proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), bconn, br.Pending(), lease.Done), true
+	return proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), bconn, br.Pending(), lease), true
 }
 
 // loginFailed answers a failed login and logs it; the session goes on in the

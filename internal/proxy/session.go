@@ -112,6 +112,7 @@ type Lease struct {
 	// Done is closed when the user must leave the backend (kick, move); the
 	// session then closes. Nil means never.
 	Done    <-chan struct{}
+	kicked  context.Context // when set, Done is kicked.Done()
 	release func()
 	done    atomic.Bool
 }
@@ -119,6 +120,34 @@ type Lease struct {
 // NewLease returns a lease; release is called once by Release.
 func NewLease(user string, backend netip.Addr, done <-chan struct{}, release func()) *Lease {
 	return &Lease{User: user, Backend: backend, Done: done, release: release}
+}
+
+// NewKickableLease returns a lease that ends when kicked is cancelled. A
+// spliced session then needs no goroutine to watch for the kick
+// (context.AfterFunc), which keeps idle sessions small.
+func NewKickableLease(user string, backend netip.Addr, kicked context.Context, release func()) *Lease {
+	return &Lease{User: user, Backend: backend, Done: kicked.Done(), kicked: kicked, release: release}
+}
+
+// afterKick arranges for f to run when the lease is kicked; stop cancels
+// that. Without a kick context it falls back to a goroutine on Done.
+func (l *Lease) afterKick(f func()) (stop func()) {
+	switch {
+	case l == nil || l.Done == nil:
+		return func() {}
+	case l.kicked != nil:
+		s := context.AfterFunc(l.kicked, f)
+		return func() { s() }
+	}
+	stopc := make(chan struct{})
+	go func() {
+		select {
+		case <-l.Done:
+			f()
+		case <-stopc:
+		}
+	}()
+	return func() { close(stopc) }
 }
 
 // Release ends the session's hold; it is safe to call more than once.

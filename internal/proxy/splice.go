@@ -11,16 +11,21 @@ import (
 )
 
 // Splice copies bytes both ways between client and backend until both
-// directions are finished, the context ends, or done is closed (kick/move).
-// clientPending and backendPending are bytes already read into protocol
-// buffers that must be forwarded first (pipelined commands, early data).
+// directions are finished, the context ends, or the lease is kicked (kick,
+// move). clientPending and backendPending are bytes already read into
+// protocol buffers that must be forwarded first (pipelined commands, early
+// data).
 //
 // No per-byte work happens in Go: io.Copy between two *net.TCPConn uses
 // splice(2) on Linux. When one side half-closes, the other side's write half
 // is closed so the peer sees EOF (half-close), and the copy the other way
 // continues. Byte counts are added to s when each direction ends.
+//
+// An idle spliced session costs two goroutines: the caller's copies one
+// direction, one more copies the other; the context and the kick are
+// watched with context.AfterFunc, not by a goroutine of their own.
 func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []byte,
-	backend net.Conn, backendPending []byte, done <-chan struct{}) (reason string) {
+	backend net.Conn, backendPending []byte, lease *Lease) (reason string) {
 	if len(clientPending) > 0 {
 		n, err := backend.Write(clientPending)
 		s.BytesIn.Add(int64(n))
@@ -40,57 +45,63 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 	_ = client.SetDeadline(noDeadline)
 	_ = backend.SetDeadline(noDeadline)
 
+	var once sync.Once
+	closeBoth := func() {
+		once.Do(func() {
+			client.Close()
+			backend.Close()
+		})
+	}
+	const (
+		stopShutdown = 1
+		stopKicked   = 2
+	)
+	var stopped atomic.Int32
+	stopCtx := context.AfterFunc(ctx, func() {
+		stopped.CompareAndSwap(0, stopShutdown)
+		closeBoth()
+	})
+	defer stopCtx()
+	stopKick := lease.afterKick(func() {
+		stopped.CompareAndSwap(0, stopKicked)
+		closeBoth()
+	})
+	defer stopKick()
+
 	// firstEnded records which direction's copy returned first. It is set
 	// before closeWrite forwards the end to the peer, whose reaction may end
-	// the other direction before this goroutine reports.
+	// the other direction before this one reports.
 	var firstEnded atomic.Int32 // 0 unset, 1 client->backend, 2 backend->client
-	errs := make(chan error, 2)
-	var wg sync.WaitGroup
-	wg.Add(2)
+	upErr := make(chan error, 1)
 	go func() {
-		defer wg.Done()
 		n, err := io.Copy(backend, client)
 		firstEnded.CompareAndSwap(0, 1)
 		s.BytesIn.Add(n)
 		closeWrite(backend)
-		errs <- err
+		upErr <- err
 	}()
-	go func() {
-		defer wg.Done()
-		n, err := io.Copy(client, backend)
-		if firstEnded.CompareAndSwap(0, 2) {
-			// The backend is gone: a client that vanished without closing
-			// must not hold the session open, so its remaining input gets
-			// a short grace period.
-			_ = client.SetReadDeadline(time.Now().Add(backendGoneGrace))
-		}
-		s.BytesOut.Add(n)
-		closeWrite(client)
-		errs <- err
-	}()
-
-	closeBoth := func() {
-		client.Close()
-		backend.Close()
+	n, err := io.Copy(client, backend)
+	if firstEnded.CompareAndSwap(0, 2) {
+		// The backend is gone: a client that vanished without closing
+		// must not hold the session open, so its remaining input gets
+		// a short grace period.
+		_ = client.SetReadDeadline(time.Now().Add(backendGoneGrace))
 	}
-	for got := 0; got < 2; {
-		select {
-		case err := <-errs:
-			got++
-			if err != nil && !errors.Is(err, net.ErrClosed) {
-				closeBoth() // a failed direction ends the session
-			}
-		case <-ctx.Done():
-			closeBoth()
-			wg.Wait()
-			return "shutdown"
-		case <-done:
-			closeBoth()
-			wg.Wait()
-			return "kicked"
-		}
+	s.BytesOut.Add(n)
+	closeWrite(client)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		closeBoth() // a failed direction ends the session
+	}
+	if err := <-upErr; err != nil && !errors.Is(err, net.ErrClosed) {
+		closeBoth()
 	}
 	closeBoth()
+	switch stopped.Load() {
+	case stopShutdown:
+		return "shutdown"
+	case stopKicked:
+		return "kicked"
+	}
 	if firstEnded.Load() == 1 {
 		return "client closed"
 	}

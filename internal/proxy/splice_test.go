@@ -9,6 +9,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
+	"runtime"
 	"testing"
 	"time"
 
@@ -35,7 +37,7 @@ func newSpliceRig(t testing.TB) *spliceRig {
 // start runs Splice in the background.
 func (r *spliceRig) start(ctx context.Context, clientPending, backendPending []byte, done <-chan struct{}) {
 	go func() {
-		r.reason <- Splice(ctx, r.sess, r.clientEnd, clientPending, r.backendEnd, backendPending, done)
+		r.reason <- Splice(ctx, r.sess, r.clientEnd, clientPending, r.backendEnd, backendPending, NewLease("test", netip.Addr{}, done, nil))
 	}()
 }
 
@@ -278,6 +280,28 @@ func TestSpliceKicked(t *testing.T) {
 		t.Errorf("BytesIn/Out = %d/%d after a kick, want the round trip's %d/%d",
 			r.sess.BytesIn.Load(), r.sess.BytesOut.Load(), len("a1 NOOP\r\n"), len("a1 OK\r\n"))
 	}
+}
+
+// A kickable lease (the director's kind) is watched without a goroutine of
+// its own: an idle spliced session runs exactly two goroutines.
+func TestSpliceKickableLease(t *testing.T) {
+	r := newSpliceRig(t)
+	kctx, kick := context.WithCancel(context.Background())
+	before := runtime.NumGoroutine()
+	go func() {
+		r.reason <- Splice(context.Background(), r.sess, r.clientEnd, nil, r.backendEnd, nil,
+			NewKickableLease("test", netip.Addr{}, kctx, nil))
+	}()
+	roundTrip(t, r)
+	if n := runtime.NumGoroutine() - before; n != 2 {
+		t.Errorf("a spliced session runs %d goroutines, want 2", n)
+	}
+	kick()
+	if why := r.wait(t); why != "kicked" {
+		t.Errorf("reason = %q, want kicked", why)
+	}
+	expectEOF(t, r.clientApp)
+	expectEOF(t, r.backendApp)
 }
 
 func TestSpliceShutdown(t *testing.T) {
