@@ -121,10 +121,12 @@ func (a *app) start() error {
 	}
 	a.servers = servers
 	a.startHealth(a.cfg)
+	// The interval is read here, not in the goroutine: a reload replaces a.cfg.
+	expireEvery := min(a.cfg.UserExpire.Duration/4+time.Second, 30*time.Second)
 	a.bgWG.Add(1)
 	go func() {
 		defer a.bgWG.Done()
-		a.d.Run(a.bg, min(a.cfg.UserExpire.Duration/4+time.Second, 30*time.Second))
+		a.d.Run(a.bg, expireEvery)
 	}()
 	for _, b := range a.d.Backends() {
 		a.m.BackendUp(b.Addr.String(), b.Up)
