@@ -30,6 +30,8 @@ type app struct {
 	m   *metrics.Metrics
 	d   *director.Director
 	adm *admin.Server
+	// relay carries logged-in sessions of every server (Linux; nil elsewhere).
+	relay *proxy.Relay
 
 	// bg runs the director's expiry/save loop and the health checker.
 	bg     context.Context
@@ -92,6 +94,11 @@ func newApp(cfg *config.Config, log *slog.Logger) (*app, error) {
 func (a *app) start() error {
 	a.bg, a.stopBg = context.WithCancel(context.Background())
 	a.sessions, a.endSessions = context.WithCancel(context.Background())
+	relay, err := proxy.NewRelay(proxy.RelayOptions{Logger: a.log.With("component", "relay")})
+	if err != nil {
+		return err
+	}
+	a.relay = relay
 	servers, err := a.buildServers(a.cfg)
 	if err != nil {
 		return err
@@ -158,6 +165,9 @@ func (a *app) abort() {
 	a.stopBg()
 	a.bgWG.Wait()
 	a.endSessions()
+	if a.relay != nil {
+		a.relay.Close()
+	}
 }
 
 // buildServers makes and opens (Listen) one server per enabled service.
@@ -229,7 +239,7 @@ func (a *app) buildServers(cfg *config.Config) ([]*proxy.Server, error) {
 		srv := proxy.NewServer(proxy.ServerOptions{
 			Proto: sv.name, Handler: sv.handler(bo), Listeners: lns, Limiter: lim,
 			Trusted: cfg.TrustedPrefixes(), Allow: sv.svc.AllowPrefixes(), ProxyTrusted: sv.svc.ProxyTrustedPrefixes(),
-			Refusal: sv.refusal, Observer: a.m, Logger: a.log,
+			Refusal: sv.refusal, Observer: a.m, Logger: a.log, Relay: a.relay,
 		})
 		if err := srv.Listen(); err != nil {
 			stopAll(servers)
@@ -474,6 +484,7 @@ func (a *app) shutdown() {
 	a.stopBg() // the director's Run saves the state once more
 	a.bgWG.Wait()
 	a.endSessions()
+	a.relay.Close() // every session has ended: the servers drained
 	a.log.Info("usher stopped")
 }
 

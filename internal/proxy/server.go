@@ -70,6 +70,9 @@ type ServerOptions struct {
 	HandshakeTimeout time.Duration // implicit TLS handshake; default 10s
 	Observer         Observer      // metrics; nil = none
 	Logger           *slog.Logger
+	// Relay, when set, carries logged-in sessions without goroutines (see
+	// Splice); servers replacing each other on a reload share one.
+	Relay *Relay
 }
 
 // Limiter counts open sessions of one service, in total and per client IP.
@@ -332,11 +335,8 @@ func (s *Server) accept(ln net.Listener, spec ListenerSpec) {
 			continue
 		}
 		delay = 0
-		s.sessions.Add(1)
-		go func() {
-			defer s.sessions.Done()
-			s.handle(s.sessCtx, c, spec)
-		}()
+		s.sessions.Add(1) // done when the session ends (handle, or the Relay later)
+		go s.handle(s.sessCtx, c, spec)
 	}
 }
 
@@ -431,6 +431,12 @@ type prefixConn struct {
 func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
 
 func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
+	ended := false
+	defer func() {
+		if !ended {
+			s.sessions.Done() // refused before the session began
+		}
+	}()
 	remote, local := addrPort(c.RemoteAddr()), addrPort(c.LocalAddr())
 	id := newSessionID()
 	isUnix := strings.HasPrefix(spec.Address, "unix:")
@@ -457,11 +463,10 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 		c.Close()
 		return
 	}
-	defer s.lim.leave(remote.Addr())
 
 	sess := &Session{
 		ID: id, Proto: s.o.Proto, Conn: c, Remote: remote, Local: local, Start: time.Now(), Log: log,
-		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Obs: s.o.Observer,
+		TLSMode: spec.TLS, TLSConfig: spec.TLSConfig, Obs: s.o.Observer, relay: s.o.Relay,
 		// Local UNIX-socket clients are as trusted as loopback ones.
 		Trusted: isUnix && !spec.ProxyProtocol || contains(s.o.Trusted, remote.Addr()),
 	}
@@ -470,12 +475,25 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 	// Handlers watch ctx and say goodbye (IMAP "* BYE", POP3 "-ERR"); the
 	// connection is closed shortly after in case one does not.
 	stop := context.AfterFunc(ctx, func() { time.AfterFunc(closeGrace, func() { c.Close() }) })
-	defer func() {
+	// finish ends the session: here when the Handler returns, or from the
+	// Relay when the Handler handed the spliced session over (sess.detached).
+	sess.finish = func(reason string) {
 		stop()
 		cancel()
 		sess.Conn.Close()
 		c.Close()
-	}()
+		backend := ""
+		if sess.loggedIn.IsValid() {
+			backend = sess.loggedIn.String()
+		}
+		s.o.Observer.SessionClosed(s.o.Proto, backend, sess.BytesIn.Load(), sess.BytesOut.Load())
+		log.Info("session end", "user", sess.User, "backend", sess.Backend,
+			"bytes_in", sess.BytesIn.Load(), "bytes_out", sess.BytesOut.Load(),
+			"duration", time.Since(sess.Start).Round(time.Millisecond).String(), "reason", reason)
+		s.lim.leave(remote.Addr())
+		s.sessions.Done()
+	}
+	ended = true
 	s.o.Observer.SessionOpened(s.o.Proto)
 	log.Info("session start", "local", remoteString(local, spec.Address), "tls", string(sess.TLSMode))
 
@@ -486,14 +504,9 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 			log.Error("session panic", "panic", r, "stack", string(debug.Stack()))
 			reason = "internal error"
 		}
-		backend := ""
-		if sess.loggedIn.IsValid() {
-			backend = sess.loggedIn.String()
+		if !sess.detached {
+			sess.finish(reason)
 		}
-		s.o.Observer.SessionClosed(s.o.Proto, backend, sess.BytesIn.Load(), sess.BytesOut.Load())
-		log.Info("session end", "user", sess.User, "backend", sess.Backend,
-			"bytes_in", sess.BytesIn.Load(), "bytes_out", sess.BytesOut.Load(),
-			"duration", time.Since(sess.Start).Round(time.Millisecond).String(), "reason", reason)
 	}()
 	if spec.TLS == config.TLSImplicit {
 		tc := tls.Server(c, spec.TLSConfig)

@@ -45,6 +45,13 @@ type Session struct {
 
 	BytesIn  atomic.Int64 // client -> backend, after login
 	BytesOut atomic.Int64 // backend -> client, after login
+
+	// relay, when set, takes spliced sessions off their goroutines (see
+	// Splice). detached is set when it did: the session then ends later,
+	// through finish, not when the Handler returns.
+	relay    *Relay
+	detached bool
+	finish   func(reason string)
 }
 
 // Observer receives session and login events; metrics.Metrics implements it.
@@ -115,6 +122,9 @@ type Lease struct {
 	kicked  context.Context // when set, Done is kicked.Done()
 	release func()
 	done    atomic.Bool
+	// relayed is set when the Relay took the session over: the lease is then
+	// released when the relayed session ends, and Release is a no-op.
+	relayed atomic.Bool
 }
 
 // NewLease returns a lease; release is called once by Release.
@@ -150,8 +160,16 @@ func (l *Lease) afterKick(f func()) (stop func()) {
 	return func() { close(stopc) }
 }
 
-// Release ends the session's hold; it is safe to call more than once.
+// Release ends the session's hold; it is safe to call more than once. After
+// Splice handed the session to the Relay, the Relay releases the lease when
+// the session ends and Release does nothing.
 func (l *Lease) Release() {
+	if l != nil && !l.relayed.Load() {
+		l.releaseNow()
+	}
+}
+
+func (l *Lease) releaseNow() {
 	if l != nil && l.done.CompareAndSwap(false, true) && l.release != nil {
 		l.release()
 	}

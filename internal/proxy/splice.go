@@ -21,9 +21,14 @@ import (
 // is closed so the peer sees EOF (half-close), and the copy the other way
 // continues. Byte counts are added to s when each direction ends.
 //
-// An idle spliced session costs two goroutines: the caller's copies one
-// direction, one more copies the other; the context and the kick are
-// watched with context.AfterFunc, not by a goroutine of their own.
+// When the session has a Relay and both connections are plain sockets (no
+// TLS layer), Splice hands them to the Relay and returns at once: the
+// session then costs no goroutine at all, the Relay releases the lease, and
+// the session ends (log line, metrics, limits) when the Relay is done with
+// it, not when the Handler returns. Otherwise an idle spliced session costs
+// two goroutines: the caller's copies one direction, one more copies the
+// other. Either way the context and the kick are watched with
+// context.AfterFunc, not by a goroutine of their own.
 func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []byte,
 	backend net.Conn, backendPending []byte, lease *Lease) (reason string) {
 	if len(clientPending) > 0 {
@@ -44,6 +49,9 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 	// the connections are closed below.
 	_ = client.SetDeadline(noDeadline)
 	_ = backend.SetDeadline(noDeadline)
+	if s.relay != nil && s.finish != nil && relayable(client) && relayable(backend) && relay(ctx, s, client, backend, lease) {
+		return ""
+	}
 
 	var once sync.Once
 	closeBoth := func() {
@@ -106,6 +114,37 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 		return "client closed"
 	}
 	return "backend closed"
+}
+
+// relay hands the session to s.relay; false means it could not and the
+// caller still owns everything.
+func relay(ctx context.Context, s *Session, client, backend net.Conn, lease *Lease) bool {
+	lease.relayed.Store(true)
+	var stopCtx, stopKick func() bool
+	var ready sync.WaitGroup // the watchers are set before the end can use them
+	ready.Add(1)
+	stop, err := s.relay.take(client, backend, func(reason string, in, out int64) {
+		ready.Wait()
+		stopCtx()
+		stopKick()
+		s.BytesIn.Add(in)
+		s.BytesOut.Add(out)
+		lease.releaseNow()
+		s.finish(reason)
+	})
+	if err != nil {
+		lease.relayed.Store(false)
+		if s.Log != nil {
+			s.Log.Warn("relay refused the session; copying with goroutines", "err", err)
+		}
+		return false
+	}
+	s.detached = true
+	stopCtx = context.AfterFunc(ctx, func() { stop(relayShutdown) })
+	k := lease.afterKick(func() { stop(relayKicked) })
+	stopKick = func() bool { k(); return true }
+	ready.Done()
+	return true
 }
 
 // backendGoneGrace is how long a client may keep sending after the backend
