@@ -91,7 +91,6 @@ func (r *Relay) Close() error {
 	for _, l := range r.loops {
 		l.close()
 	}
-	r.loops = nil
 	return nil
 }
 

@@ -1,0 +1,264 @@
+//go:build linux
+
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"io"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/usher-mail/usher/internal/testutil"
+)
+
+// A client that does not read makes the relay keep what the backend sent
+// and stop reading from the backend (backpressure); when the client reads
+// again every byte arrives, in order.
+func TestRelayBackpressure(t *testing.T) {
+	const size = 8 << 20
+	r := newRig(t, testRelay(t))
+	// Small socket buffers, so that 8 MiB cannot hide in them.
+	for _, c := range []net.Conn{r.clientApp, r.clientEnd, r.backendEnd, r.backendApp} {
+		_ = c.(*net.TCPConn).SetReadBuffer(64 << 10)
+		_ = c.(*net.TCPConn).SetWriteBuffer(64 << 10)
+	}
+	r.start(context.Background(), nil, nil, nil)
+	down := make([]byte, size)
+	rand.Read(down)
+	sent := make(chan error, 1)
+	go func() {
+		_ = r.backendApp.SetWriteDeadline(time.Now().Add(ioTimeout))
+		_, err := r.backendApp.Write(down)
+		if err == nil {
+			err = r.backendApp.(*net.TCPConn).CloseWrite()
+		}
+		sent <- err
+	}()
+	// Let the socket buffers and the relay fill up.
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case err := <-sent:
+		t.Fatalf("the backend wrote %d MiB to a client that reads nothing (err %v): no backpressure", size>>20, err)
+	default:
+	}
+	got := readAll(t, r.clientApp)
+	if err := <-sent; err != nil {
+		t.Fatalf("backend write: %v", err)
+	}
+	if len(got) != size || sha256.Sum256(got) != sha256.Sum256(down) {
+		t.Fatalf("client got %d bytes (equal %v), want the %d sent", len(got), bytes.Equal(got, down), size)
+	}
+	r.clientApp.Close()
+	if why := r.wait(t); why != "backend closed" {
+		t.Errorf("reason = %q, want backend closed", why)
+	}
+	if got := r.sess.BytesOut.Load(); got != size {
+		t.Errorf("BytesOut = %d, want %d", got, size)
+	}
+}
+
+// A client on a UNIX socket (a unix: listener) is relayed to a TCP backend,
+// half-close included.
+func TestRelayUnixClient(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	clientApp, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer clientApp.Close()
+	clientEnd := <-accepted
+	be, ba := testutil.TCPPair(t)
+	r := &spliceRig{clientApp: clientApp, clientEnd: clientEnd, backendEnd: be, backendApp: ba,
+		sess: &Session{ID: "unix", relay: testRelay(t)}, reason: make(chan string, 1)}
+	r.sess.finish = func(reason string) { r.reason <- reason }
+	r.start(context.Background(), nil, nil, nil)
+	roundTrip(t, r)
+	if err := clientApp.(*net.UnixConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if rest := readAll(t, ba); len(rest) != 0 {
+		t.Fatalf("backend read %q after the client's half-close, want EOF", rest)
+	}
+	final := []byte("* BYE\r\n")
+	if _, err := ba.Write(final); err != nil {
+		t.Fatal(err)
+	}
+	ba.Close()
+	if rest := readAll(t, clientApp); !bytes.Equal(rest, final) {
+		t.Fatalf("client got %q, want %q", rest, final)
+	}
+	if why := r.wait(t); why != "client closed" {
+		t.Errorf("reason = %q, want client closed", why)
+	}
+}
+
+// Many sessions at once on few loops: every one gets its own bytes, and the
+// relay is empty when they are over.
+func TestRelayManySessions(t *testing.T) {
+	const n = 200
+	rl := testRelay(t)
+	var wg sync.WaitGroup
+	errs := make(chan string, n)
+	for i := range n {
+		r := newRig(t, rl)
+		r.start(context.Background(), nil, nil, nil)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			msg := strings.Repeat(string(rune('a'+i%26)), 1000+i)
+			_ = r.clientApp.SetDeadline(time.Now().Add(ioTimeout))
+			_ = r.backendApp.SetDeadline(time.Now().Add(ioTimeout))
+			if _, err := r.clientApp.Write([]byte(msg)); err != nil {
+				errs <- err.Error()
+				return
+			}
+			got := make([]byte, len(msg))
+			if _, err := io.ReadFull(r.backendApp, got); err != nil || string(got) != msg {
+				errs <- "session got another session's bytes or none"
+				return
+			}
+			r.backendApp.Close()
+			if rest, _ := io.ReadAll(r.clientApp); len(rest) != 0 {
+				errs <- "unexpected bytes at the client"
+			}
+			r.clientApp.Close()
+			select {
+			case <-r.reason:
+			case <-time.After(ioTimeout):
+				errs <- "session did not end"
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
+	}
+	testutil.WaitFor(t, ioTimeout, "Relay.Pairs() == 0", func() bool { return rl.Pairs() == 0 })
+}
+
+// Closing the relay ends what it still carries, with reason shutdown.
+func TestRelayClose(t *testing.T) {
+	rl, err := NewRelay(RelayOptions{Loops: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newRig(t, rl)
+	r.start(context.Background(), nil, nil, nil)
+	roundTrip(t, r)
+	if rl.Pairs() != 1 {
+		t.Fatalf("Pairs() = %d, want 1", rl.Pairs())
+	}
+	rl.Close()
+	if why := r.wait(t); why != relayShutdown {
+		t.Errorf("reason = %q, want %q", why, relayShutdown)
+	}
+	expectEOF(t, r.clientApp)
+	expectEOF(t, r.backendApp)
+	// A closed relay refuses new sessions; Splice then copies with goroutines.
+	r2 := newRig(t, rl)
+	r2.start(context.Background(), nil, nil, nil)
+	roundTrip(t, r2)
+	if r2.sess.detached {
+		t.Error("a closed relay took a session")
+	}
+	r2.clientApp.Close()
+	r2.backendApp.Close()
+	r2.wait(t)
+}
+
+// Through a Server: the Handler returns as soon as the Relay has the
+// session, yet the session counts as open (limits, drain) until it ends,
+// and it is logged once, with the Relay's reason and byte counts.
+func TestServerRelayedSession(t *testing.T) {
+	rl := testRelay(t)
+	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer backendLn.Close()
+	backends := make(chan net.Conn, 1)
+	go func() {
+		c, err := backendLn.Accept()
+		if err == nil {
+			backends <- c
+		}
+	}()
+	returned := make(chan struct{}, 1)
+	released := make(chan struct{})
+	ts := startServer(t, ServerOptions{Relay: rl,
+		Handler: handlerFunc(func(ctx context.Context, s *Session) string {
+			b, err := net.Dial("tcp", backendLn.Addr().String())
+			if err != nil {
+				return "dial failed"
+			}
+			lease := NewLease("u", netip.MustParseAddr("127.0.0.1"), nil, func() { close(released) })
+			defer lease.Release()
+			defer func() { returned <- struct{}{} }()
+			return Splice(ctx, s, s.Conn, []byte("hello\n"), b, nil, lease)
+		})})
+	c := dialFrom(t, "", ts.addr)
+	backend := <-backends
+	defer backend.Close()
+	<-returned
+	if got := readLine(t, backend); got != "hello\n" {
+		t.Fatalf("backend got %q", got)
+	}
+	if _, err := backend.Write([]byte("world\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(t, c); got != "world\n" {
+		t.Fatalf("client got %q", got)
+	}
+	if n := ts.srv.Sessions(); n != 1 {
+		t.Errorf("Sessions() = %d while relayed, want 1", n)
+	}
+	if rl.Pairs() != 1 {
+		t.Errorf("Relay.Pairs() = %d, want 1", rl.Pairs())
+	}
+	select {
+	case <-released:
+		t.Fatal("lease released while the session is relayed")
+	default:
+	}
+	if n := len(withMsg(ts.logs.records(t), "session end")); n != 0 {
+		t.Fatalf("%d session end lines while the session is relayed", n)
+	}
+	// Drain closes it after the grace.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if n := ts.srv.Drain(ctx); n != 1 {
+		t.Errorf("Drain closed %d sessions, want 1", n)
+	}
+	expectEOF(t, c)
+	select {
+	case <-released:
+	case <-time.After(ioTimeout):
+		t.Fatal("lease not released after the relayed session ended")
+	}
+	ends := withMsg(ts.logs.records(t), "session end")
+	if len(ends) != 1 || ends[0]["reason"] != relayShutdown || ends[0]["bytes_in"] != float64(6) || ends[0]["bytes_out"] != float64(6) {
+		t.Errorf("session end lines %v, want one with reason shutdown and 6 bytes each way", ends)
+	}
+	if n := ts.srv.Sessions(); n != 0 {
+		t.Errorf("Sessions() = %d after the drain, want 0", n)
+	}
+}
