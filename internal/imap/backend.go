@@ -267,18 +267,17 @@ func (c *client) backendLogin(ctx context.Context, clientTag string, lease *prox
 		// TLS (or trust in usher's address) before plaintext logins.
 		return nil, nil, fmt.Errorf("%w: backend advertises LOGINDISABLED", errBackendProtocol)
 	}
+	// RFC 2971 ID tells the backend who the client is. It goes out in one
+	// write with the login (pipelining, RFC 9051 section 5.5: the two are
+	// independent), which saves a round trip per login, as Dovecot's own
+	// proxy does.
+	var id []byte
+	idTag := ""
 	if b.caps["ID"] {
-		// RFC 2971; answers are informational, a failure is not fatal.
-		tag := b.nextTag()
-		if err := b.send(c.idCommand(tag)); err != nil {
-			return nil, nil, err
-		}
-		if _, err := b.await(tag, nil, nil); err != nil {
-			return nil, nil, fmt.Errorf("backend ID: %w", err)
-		}
+		idTag = b.nextTag()
+		id = c.idCommand(idTag)
 	}
-
-	final, err := c.replayLogin(b, cr)
+	final, err := c.replayLogin(b, cr, id, idTag)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -327,14 +326,22 @@ func ptr(s string) *string { return &s }
 // replayLogin sends the client's login to the backend and returns the
 // backend's tagged answer. Untagged responses are relayed to the client as
 // they are (except BYE, which await turns into an error).
-func (c *client) replayLogin(b *backend, cr *sasl.Credentials) (*response, error) {
+//
+// id, when not empty, is an ID command tagged idTag sent in the same write;
+// its answer is informational (a NO is not fatal) and is read first.
+func (c *client) replayLogin(b *backend, cr *sasl.Credentials, id []byte, idTag string) (*response, error) {
 	tag := b.nextTag()
 	pieces := loginPieces(tag, cr, b.caps)
 	relay := func(r *response) error {
 		return c.write(append(r.raw[:len(r.raw):len(r.raw)], "\r\n"...))
 	}
-	if err := b.send(pieces[0]); err != nil {
+	if err := b.send(append(id, pieces[0]...)); err != nil {
 		return nil, err
+	}
+	if len(id) > 0 {
+		if _, err := b.await(idTag, nil, nil); err != nil {
+			return nil, fmt.Errorf("backend ID: %w", err)
+		}
 	}
 	for _, p := range pieces[1:] {
 		// Wait for the continuation request (synchronizing literal, or the

@@ -34,6 +34,9 @@ type fakeBackend struct {
 	tlsConf    *tls.Config
 	users      map[string]string // user -> password
 	loginExtra string            // untagged line sent before a successful login's OK
+	// idAfterNext holds the answer to ID until the next command has
+	// arrived: a client that waits for it before sending more hangs.
+	idAfterNext bool
 	events     chan beEvent
 }
 
@@ -103,6 +106,11 @@ func (f *fakeBackend) serve(conn net.Conn) {
 	}
 	r := wire.NewReader(conn, 10*time.Second, 0)
 	secure, loggedIn := false, false
+	heldID := ""
+	answerID := func(tag string) {
+		w(`* ID ("name" "fake")`)
+		w(tag + " OK ID done")
+	}
 	for {
 		if loggedIn {
 			line, err := r.ReadLine()
@@ -117,6 +125,10 @@ func (f *fakeBackend) serve(conn net.Conn) {
 		raw, err := readCommand(r, 1<<20, func() error { w("+ go ahead"); return nil })
 		if err != nil {
 			return
+		}
+		if heldID != "" {
+			answerID(heldID)
+			heldID = ""
 		}
 		ev := beEvent{tls: secure}
 		for i, l := range raw.Lines {
@@ -150,8 +162,11 @@ func (f *fakeBackend) serve(conn net.Conn) {
 			r = wire.NewReader(conn, 10*time.Second, 0)
 		case "ID":
 			f.events <- ev
-			w(`* ID ("name" "fake")`)
-			w(tag + " OK ID done")
+			if f.idAfterNext {
+				heldID = tag
+			} else {
+				answerID(tag)
+			}
 		case "LOGIN", "AUTHENTICATE":
 			var user, pass string
 			if cmd.name == "LOGIN" {

@@ -220,6 +220,26 @@ func TestIDForwarded(t *testing.T) {
 	}
 }
 
+// The ID command and the login go out together (one round trip): a backend
+// that answers ID only after the next command still logs the user in.
+func TestIDPipelinedWithLogin(t *testing.T) {
+	for _, caps := range []string{"IMAP4rev1 ID LITERAL+ SASL-IR AUTH=PLAIN", "IMAP4rev1 ID AUTH=PLAIN"} {
+		be := newFakeBackend(t, func(f *fakeBackend) { f.caps = caps; f.idAfterNext = true })
+		srv, _ := newTestServer(be, func(o *Options) { o.Backend.LoginTimeout = 2 * time.Second })
+		s := startSession(t, srv, nil)
+		c := s.Client
+		c.Line()
+		c.Write("a1 AUTHENTICATE PLAIN " + base64.StdEncoding.EncodeToString([]byte("\x00alice\x00secret")) + "\r\n")
+		c.ExpectPrefix("a1 OK ")
+		if ev := be.next(t); ev.name != "ID" {
+			t.Errorf("%s: first backend command %s, want ID", caps, ev.name)
+		}
+		if ev := be.next(t); ev.name != "AUTHENTICATE" {
+			t.Errorf("%s: second backend command %s, want AUTHENTICATE", caps, ev.name)
+		}
+	}
+}
+
 func TestIDNotSentWithoutCapability(t *testing.T) {
 	be := newFakeBackend(t, func(f *fakeBackend) { f.caps = "IMAP4rev1 AUTH=PLAIN"; f.greetCaps = false })
 	srv, _ := newTestServer(be, nil)

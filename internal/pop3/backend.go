@@ -57,34 +57,59 @@ func (b *backend) cmd(line string) (string, error) {
 	return b.readLine()
 }
 
-// capaXCLIENT returns whether the backend lists XCLIENT in its CAPA reply
-// (RFC 2449 section 5). A backend without CAPA answers -ERR, which means no
-// capabilities.
-func (b *backend) capaXCLIENT() (bool, error) {
+// exchange sends lines in one write (pipelining) and returns the first
+// line of each reply, in order. Only for commands with one-line replies.
+func (b *backend) exchange(lines ...string) ([]string, error) {
+	var out []byte
+	for _, l := range lines {
+		out = append(append(out, l...), "\r\n"...)
+	}
+	if _, err := b.conn.Write(out); err != nil {
+		return nil, err
+	}
+	replies := make([]string, len(lines))
+	for i := range replies {
+		r, err := b.readLine()
+		if err != nil {
+			return nil, err
+		}
+		replies[i] = r
+	}
+	return replies, nil
+}
+
+// capa returns whether the backend lists XCLIENT and PIPELINING in its CAPA
+// reply (RFC 2449 section 5). A backend without CAPA answers -ERR, which
+// means no capabilities.
+func (b *backend) capa() (xclient, pipelining bool, err error) {
 	reply, err := b.cmd("CAPA")
 	if err != nil {
-		return false, err
+		return false, false, err
 	}
 	if isERR(reply) {
-		return false, nil
+		return false, false, nil
 	}
 	if !isOK(reply) {
-		return false, fmt.Errorf("%w %q", errProtocol, sanitize(reply))
+		return false, false, fmt.Errorf("%w %q", errProtocol, sanitize(reply))
 	}
-	xclient := false
 	for n := 0; ; n++ {
 		if n > maxCapaLines {
-			return false, fmt.Errorf("more than %d capability lines", maxCapaLines)
+			return false, false, fmt.Errorf("more than %d capability lines", maxCapaLines)
 		}
 		line, err := b.readLine()
 		if err != nil {
-			return false, err
+			return false, false, err
 		}
 		if line == "." { // RFC 1939 section 3: end of a multi-line response
-			return xclient, nil
+			return xclient, pipelining, nil
 		}
-		if f := strings.Fields(line); len(f) > 0 && strings.EqualFold(f[0], "XCLIENT") {
-			xclient = true
+		if f := strings.Fields(line); len(f) > 0 {
+			switch strings.ToUpper(f[0]) {
+			case "XCLIENT":
+				xclient = true
+			case "PIPELINING": // RFC 2449 section 6.6
+				pipelining = true
+			}
 		}
 	}
 }
@@ -172,34 +197,100 @@ func (s *Server) backendLogin(ctx context.Context, sess *proxy.Session, ip netip
 		b.conn, b.r = tc, wire.NewReader(tc, 0, wire.DefaultMaxLine)
 	}
 
+	// Dovecot, which announces XCLIENT in its greeting, takes pipelined
+	// commands; others say so in CAPA.
+	pipelining := xclient
 	if !xclient {
 		// Other servers may list XCLIENT in CAPA; a Dovecot that does not
 		// trust usher announces nothing, and then the backend sees usher's
 		// address as the client's.
-		if xclient, err = b.capaXCLIENT(); err != nil {
+		if xclient, pipelining, err = b.capa(); err != nil {
 			return nil, nil, "", fmt.Errorf("backend CAPA: %w", err)
 		}
 	}
+	var reply string
+	if pipelining {
+		reply, err = b.pipelinedLogin(sess, xclient, cr)
+	} else {
+		reply, err = b.lockstepLogin(sess, xclient, cr)
+	}
+	if err != nil {
+		return nil, nil, "", err
+	}
+	return b.conn, b.r, reply, nil
+}
+
+// lockstepLogin sends XCLIENT (when announced) and the login one command at
+// a time.
+func (b *backend) lockstepLogin(sess *proxy.Session, xclient bool, cr *credentials) (string, error) {
 	if xclient {
 		reply, err := b.cmd(xclientLine(sess))
 		if err != nil {
-			return nil, nil, "", fmt.Errorf("backend XCLIENT: %w", err)
+			return "", fmt.Errorf("backend XCLIENT: %w", err)
 		}
-		if !isOK(reply) {
-			return nil, nil, "", fmt.Errorf("backend XCLIENT: %w %q", errProtocol, sanitize(reply))
+		if err := xclientReply(reply); err != nil {
+			return "", err
 		}
 	}
-
 	var reply string
+	var err error
 	if cr.isPlain() {
 		reply, err = b.authPlain(cr.plain)
 	} else {
 		reply, err = b.userPass(cr)
 	}
 	if err != nil {
-		return nil, nil, "", fmt.Errorf("backend login: %w", err)
+		return "", fmt.Errorf("backend login: %w", err)
 	}
-	return b.conn, b.r, reply, nil
+	return reply, nil
+}
+
+// pipelinedLogin sends XCLIENT (when announced) and the login in one write
+// (RFC 2449 section 6.6), which saves two round trips per login. An AUTH
+// PLAIN whose initial response does not fit on a line needs the server's
+// challenge and goes in lockstep after XCLIENT.
+func (b *backend) pipelinedLogin(sess *proxy.Session, xclient bool, cr *credentials) (string, error) {
+	var cmds []string
+	if xclient {
+		cmds = append(cmds, xclientLine(sess))
+	}
+	switch {
+	case !cr.isPlain():
+		cmds = append(cmds, "USER "+cr.user, "PASS "+cr.pass)
+	default:
+		if line := "AUTH PLAIN " + sasl.EncodeResponse(cr.plain); len(line)+2 <= maxCommandLine {
+			cmds = append(cmds, line)
+		} else if !xclient {
+			return b.lockstepLogin(sess, false, cr)
+		}
+	}
+	replies, err := b.exchange(cmds...)
+	if err != nil {
+		return "", fmt.Errorf("backend login: %w", err)
+	}
+	if xclient {
+		if err := xclientReply(replies[0]); err != nil {
+			return "", err
+		}
+		replies = replies[1:]
+	}
+	switch len(replies) {
+	case 0: // a long AUTH PLAIN response: lockstep after XCLIENT
+		return b.lockstepLogin(sess, false, cr)
+	case 1: // AUTH PLAIN with its initial response
+		return plainReply(replies[0])
+	}
+	if !isOK(replies[0]) {
+		return finalReply(replies[0]) // an -ERR to USER is a rejection too
+	}
+	return finalReply(replies[1])
+}
+
+func xclientReply(reply string) error {
+	if !isOK(reply) {
+		return fmt.Errorf("backend XCLIENT: %w %q", errProtocol, sanitize(reply))
+	}
+	return nil
 }
 
 // finalReply classifies the backend's answer to the credentials.
@@ -254,6 +345,11 @@ func (b *backend) authPlain(msg []byte) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return plainReply(reply)
+}
+
+// plainReply classifies the answer to a complete AUTH PLAIN response.
+func plainReply(reply string) (string, error) {
 	if reply == "+" || strings.HasPrefix(reply, "+ ") {
 		// PLAIN is one message; a further challenge is a protocol error.
 		return "", fmt.Errorf("%w: challenge after PLAIN response", errProtocol)

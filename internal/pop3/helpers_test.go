@@ -31,6 +31,10 @@ type fakeBackend struct {
 	users      map[string]string
 	silent     bool // never send the greeting
 	xclientERR bool // refuse XCLIENT
+	// batch holds the replies to the first batch commands (CAPA aside)
+	// until all of them have arrived: a client that waits for a reply
+	// before sending the next command hangs (pipelining test).
+	batch int
 
 	mu    sync.Mutex
 	conns [][]string
@@ -87,7 +91,13 @@ func (b *fakeBackend) serve(c net.Conn, idx int) {
 	_ = c.SetDeadline(time.Now().Add(testutil.DefaultTimeout))
 	var conn net.Conn = c
 	r := bufio.NewReader(conn)
+	held, holding := b.batch, false
+	var heldLines []string
 	write := func(lines ...string) bool {
+		if holding {
+			heldLines = append(heldLines, lines...)
+			return true
+		}
 		_, err := io.WriteString(conn, strings.Join(lines, "\r\n")+"\r\n")
 		return err == nil
 	}
@@ -104,11 +114,22 @@ func (b *fakeBackend) serve(c net.Conn, idx int) {
 		return ok && want == p
 	}
 	for {
+		if held == 0 && len(heldLines) > 0 {
+			holding = false
+			if !write(heldLines...) {
+				return
+			}
+			heldLines = nil
+		}
 		l, err := r.ReadString('\n')
 		if err != nil {
 			return
 		}
 		line := strings.TrimRight(l, "\r\n")
+		// CAPA is answered at once: a client must know before it pipelines.
+		if holding = held > 0 && !strings.EqualFold(line, "CAPA"); holding {
+			held--
+		}
 		b.record(idx, line)
 		if loggedIn {
 			if line == "QUIT" {

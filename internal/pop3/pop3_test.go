@@ -118,6 +118,45 @@ func TestXCLIENTFromCAPA(t *testing.T) {
 	}
 }
 
+// XCLIENT and the login go out in one write when the backend takes
+// pipelined commands (Dovecot, known by [XCLIENT] in its greeting, or
+// PIPELINING in CAPA): the fake backend answers only once all have arrived.
+func TestPipelinedLogin(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		configure func(*fakeBackend)
+		send      []string
+		want      func(port uint16) []string
+	}{
+		{"dovecot user pass", func(b *fakeBackend) { b.greeting = "+OK [XCLIENT] Dovecot ready."; b.batch = 3 },
+			[]string{"USER bob", "PASS hunter2"},
+			func(p uint16) []string {
+				return []string{fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", p), "USER bob", "PASS hunter2"}
+			}},
+		{"dovecot auth plain", func(b *fakeBackend) { b.greeting = "+OK [XCLIENT] Dovecot ready."; b.batch = 2 },
+			[]string{"AUTH PLAIN " + plainIR("", "bob", "hunter2")},
+			func(p uint16) []string {
+				return []string{fmt.Sprintf("XCLIENT ADDR=127.0.0.1 PORT=%d SESSION=sid1 TTL=4", p), "AUTH PLAIN " + plainIR("", "bob", "hunter2")}
+			}},
+		{"capa pipelining", func(b *fakeBackend) { b.capa = []string{"USER", "PIPELINING"}; b.batch = 2 },
+			[]string{"USER bob", "PASS hunter2"},
+			func(uint16) []string { return []string{"CAPA", "USER bob", "PASS hunter2"} }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newFakeBackend(t, tt.configure)
+			h := startSession(t, options(b, newDirector()), sessionOpts{trusted: true})
+			h.Client.Send(tt.send...)
+			if len(tt.send) == 2 {
+				h.Client.Expect("+OK")
+			}
+			h.Client.Expect("+OK Logged in.")
+			if got, want := b.lines(0), tt.want(h.Sess.Remote.Port()); !slices.Equal(got, want) {
+				t.Errorf("backend got %q, want %q", got, want)
+			}
+		})
+	}
+}
+
 func TestNoXCLIENTWhenNotAdvertised(t *testing.T) {
 	for _, tt := range []struct {
 		name string

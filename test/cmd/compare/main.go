@@ -71,6 +71,7 @@ type options struct {
 	directorAddr    string
 	cores           int
 	strict          bool
+	serve           bool
 	profile         string
 	lockWait        time.Duration
 }
@@ -97,7 +98,7 @@ func main() {
 		log.Error("benchmark failed", "err", err)
 		os.Exit(1)
 	}
-	if o.strict && rep.missed() {
+	if o.strict && rep != nil && rep.missed() {
 		os.Exit(3)
 	}
 }
@@ -130,6 +131,7 @@ func parseFlags(args []string) (options, error) {
 	fs.StringVar(&o.directorAddr, "director-addr", "127.0.2.1", "address of the Dovecot director's listeners (ports 143, 110, 24)")
 	fs.IntVar(&o.cores, "login-processes", runtime.NumCPU(), "process_min_avail of the Dovecot login services (default: one per core)")
 	fs.BoolVar(&o.strict, "strict", false, "exit 3 when a target is missed")
+	fs.BoolVar(&o.serve, "serve", false, "set everything up (backends, usher, director, warm-up), print the addresses, and keep it running until interrupted instead of measuring")
 	fs.StringVar(&o.profile, "profile", "", "after the rounds, run these workloads (comma-separated) against usher and the director once more under `perf record` and write the hottest symbols to OUT/perf-*.txt")
 	fs.DurationVar(&o.lockWait, "lock-wait", 15*time.Minute, "how long to wait for other users of the backend ports (e2e tests, make demo)")
 	if err := fs.Parse(args); err != nil {
@@ -375,6 +377,14 @@ func run(ctx context.Context, o options, log *slog.Logger) (_ *report, err error
 		return nil, fmt.Errorf("compare: %w", err)
 	}
 
+	if o.serve {
+		for _, t := range targets {
+			log.Info("serving", "target", t.name, "imap", t.addrs["imap"], "pop3", t.addrs["pop3"], "lmtp", t.addrs["lmtp"], "maps", t.maps)
+		}
+		log.Info("serving until interrupted", "usher_pid", u.PID(), "director_pid", d.pid(), "users", fmt.Sprintf("user1..%d@example.com", len(users)), "password", b.Password())
+		<-ctx.Done()
+		return nil, nil
+	}
 	r = &runner{o: o, log: log, tool: tool, backends: b, users: users, password: b.Password(), outDir: o.outDir}
 	rep := &report{Started: time.Now().UTC(), Machine: machine, Options: o.summary(), Pinned: spread(backendOf)}
 	if o.warmup > 0 {
