@@ -50,10 +50,17 @@ type RelayOptions struct {
 	// least one). One loop moves well over a gigabyte per second.
 	Loops int
 	// Chunk is the most a direction moves per readiness event, and the size
-	// asked for the loops' pipes (default 256 KiB).
+	// asked for the loops' pipes (default 1 MiB: bulk transfers take fewer
+	// system calls and wake-ups). A direction whose destination once could
+	// not take a whole chunk moves at most slowChunk from then on, so a slow
+	// client holds little of the relay's memory.
 	Chunk  int
 	Logger *slog.Logger
 }
+
+// slowChunk bounds what a direction with a slow destination reads at once
+// (what a pipe holds by default).
+const slowChunk = 64 << 10
 
 // relay stop reasons, as the session's end log line gives them.
 const (
@@ -67,7 +74,7 @@ func NewRelay(o RelayOptions) (*Relay, error) {
 		o.Loops = max(1, (runtime.GOMAXPROCS(0)+3)/4)
 	}
 	if o.Chunk <= 0 {
-		o.Chunk = 256 << 10
+		o.Chunk = 1 << 20
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -174,6 +181,7 @@ type relayPair struct {
 	fd    [2]int
 	pend  [2][]byte
 	eof   [2]bool  // fd[d]'s read side reached end of file
+	slow  [2]bool  // fd[1-d] once could not take what fd[d] sent
 	moved [2]int64 // bytes moved from fd[d] to the other side
 	want  [2]uint32
 	first int // side whose end came first (-1: none yet)
@@ -320,7 +328,7 @@ func (l *relayLoop) run() {
 	exit := false
 	for !exit {
 		err := rc.Read(func(uintptr) bool {
-			n, err := unix.EpollWait(l.epfd, l.events, 0)
+			n, err := rawEpollPoll(l.epfd, l.events)
 			if err != nil && err != unix.EINTR {
 				l.log.Error("relay: epoll_wait", "err", err)
 				exit = true
@@ -369,7 +377,7 @@ func (l *relayLoop) handle(evs []unix.EpollEvent) (exit bool) {
 		fd := int(ev.Fd)
 		if fd == l.efd {
 			var b [8]byte
-			_, _ = unix.Read(l.efd, b[:])
+			_, _ = rawRead(l.efd, b[:])
 			if l.stopRequested() {
 				return true
 			}
@@ -436,7 +444,11 @@ func (l *relayLoop) event(p *relayPair, side int, ev uint32) {
 
 // pump moves one chunk from fd[d] to fd[1-d].
 func (l *relayLoop) pump(p *relayPair, d int) {
-	n, err := unix.Splice(p.fd[d], nil, l.pipe[1], nil, l.chunk, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	chunk := l.chunk
+	if p.slow[d] {
+		chunk = min(chunk, slowChunk)
+	}
+	n, err := rawSplice(p.fd[d], l.pipe[1], chunk)
 	switch {
 	case err == unix.EAGAIN || err == unix.EINTR:
 		return
@@ -447,10 +459,10 @@ func (l *relayLoop) pump(p *relayPair, d int) {
 		l.gotEOF(p, d)
 		return
 	}
-	p.moved[d] += n
+	p.moved[d] += int64(n)
 	left := int(n)
 	for left > 0 {
-		m, err := unix.Splice(l.pipe[0], nil, p.fd[1-d], nil, left, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		m, err := rawSplice(l.pipe[0], p.fd[1-d], left)
 		if err == unix.EINTR {
 			continue
 		}
@@ -468,6 +480,7 @@ func (l *relayLoop) pump(p *relayPair, d int) {
 		// The destination is full: keep the rest here and stop reading
 		// from the source until it is written (backpressure).
 		p.pend[d] = l.drainPipe(left)
+		p.slow[d] = true
 	}
 }
 
@@ -475,7 +488,7 @@ func (l *relayLoop) pump(p *relayPair, d int) {
 func (l *relayLoop) drainPipe(n int) []byte {
 	b := make([]byte, n)
 	for off := 0; off < n; {
-		m, err := unix.Read(l.pipe[0], b[off:])
+		m, err := rawRead(l.pipe[0], b[off:])
 		if err == unix.EINTR {
 			continue
 		}
@@ -492,7 +505,7 @@ func (l *relayLoop) drainPipe(n int) []byte {
 // flush writes pending bytes of direction d to fd[1-d].
 func (l *relayLoop) flush(p *relayPair, d int) {
 	for len(p.pend[d]) > 0 {
-		m, err := unix.Write(p.fd[1-d], p.pend[d])
+		m, err := rawWrite(p.fd[1-d], p.pend[d])
 		if err == unix.EINTR {
 			continue
 		}
@@ -534,7 +547,7 @@ func (l *relayLoop) gotEOF(p *relayPair, d int) {
 }
 
 func (l *relayLoop) shutWrite(p *relayPair, i int) {
-	if err := unix.Shutdown(p.fd[i], unix.SHUT_WR); err != nil && err != unix.ENOTCONN {
+	if err := rawShutdownWrite(p.fd[i]); err != nil && err != unix.ENOTCONN {
 		l.failed(p, i)
 	}
 }
@@ -590,8 +603,10 @@ func (l *relayLoop) end(p *relayPair, reason string) {
 		p.grace.Stop()
 	}
 	for _, fd := range p.fd {
+		// Removed explicitly: the net.Conn's descriptor for the same socket
+		// may not be closed yet when a pair ends at once.
 		_ = unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, fd, nil)
-		unix.Close(fd)
+		rawClose(fd)
 	}
 	in, out := p.moved[0]-int64(len(p.pend[0])), p.moved[1]-int64(len(p.pend[1]))
 	p.pend = [2][]byte{}
