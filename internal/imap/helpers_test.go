@@ -37,7 +37,7 @@ type fakeBackend struct {
 	// idAfterNext holds the answer to ID until the next command has
 	// arrived: a client that waits for it before sending more hangs.
 	idAfterNext bool
-	events     chan beEvent
+	events      chan beEvent
 }
 
 func newFakeBackend(t testing.TB, setup func(*fakeBackend)) *fakeBackend {
