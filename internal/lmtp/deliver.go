@@ -6,13 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
@@ -208,197 +208,396 @@ func (b *backendConn) quit() {
 	b.conn.Close()
 }
 
-// backendOutcome is what one backend did with one recipient.
-type backendOutcome struct {
-	reply reply
-	// failed is the step that failed ("" when the backend answered for the
-	// recipient itself); for the log line.
-	failed string
-	err    error
+// Delivery to the backends. Every recipient's backend gets the envelope
+// as soon as the recipient is known: at the end of the client's pipelined
+// group of commands that named it (RFC 2920 section 3.2 lets usher hold
+// its replies until then), usher writes MAIL and the RCPTs to every backend
+// involved in one write each (RFC 2920 section 3.1, when the backend
+// advertises PIPELINING; one command at a time otherwise) and relays each
+// backend's verdict on its recipient as the reply to that RCPT. After the
+// message, a backend that advertises CHUNKING (RFC 3030; Dovecot's LMTP
+// does) gets "BDAT <size> LAST" and the message in one write, and sends
+// its replies (one per accepted recipient, RFC 2033 section 4.2, as for
+// DATA). Any other backend gets DATA at the client's DATA (or first BDAT
+// chunk), so that its 354 arrives while the client sends the message, and
+// the dot-stuffed message after it. Either way only the transfer and the
+// replies remain after the client's final ".". The envelope of one backend,
+// its recipients and its connection make a leg.
+
+// cmdKind is one command of a leg's envelope.
+type cmdKind uint8
+
+const (
+	cmdRSET cmdKind = iota // ends a transaction left open on a cached link
+	cmdMAIL
+	cmdRCPT
+	cmdDATA
+)
+
+// stage names the command for failure replies and logs.
+func (k cmdKind) stage() string {
+	switch k {
+	case cmdRSET:
+		return "RSET"
+	case cmdMAIL:
+		return "MAIL"
+	case cmdRCPT:
+		return "RCPT"
+	}
+	return "DATA"
 }
 
-// deliverAll delivers the transaction's message to every recipient's
-// backend, one connection per backend, all backends in parallel, and
-// stores each recipient's reply in t.rcpts[i].result.
-func (s *Server) deliverAll(ctx context.Context, c *session, t *txn) {
-	groups := make(map[netip.Addr][]int)
-	var order []netip.Addr
-	for i, rc := range t.rcpts {
-		ip := rc.lease.Backend
-		if _, ok := groups[ip]; !ok {
-			order = append(order, ip)
-		}
-		groups[ip] = append(groups[ip], i)
-	}
-	var wg sync.WaitGroup
-	for _, ip := range order {
-		idx := groups[ip]
-		wg.Go(func() {
-			out := s.deliverTo(ctx, c, t, ip, idx)
-			addr := s.o.Backend.Addr(ip)
-			for k, i := range idx {
-				rc := t.rcpts[i]
-				rc.result = out[k].reply
-				level := slog.LevelInfo
-				attrs := []any{"user", rc.user, "backend", addr, "result", rc.result.code, "status", rc.result.enh}
-				if out[k].failed != "" {
-					level = slog.LevelWarn
-					attrs = append(attrs, "failed", out[k].failed, "error", out[k].err)
-				}
-				c.log.Log(ctx, level, "delivery", attrs...)
-			}
-		})
-	}
-	wg.Wait()
+// legCmd is one command of a leg: its kind and, for RCPT, the recipient.
+type legCmd struct {
+	kind cmdKind
+	rc   *rcpt
 }
 
-// deliverTo runs one LMTP transaction with the backend at ip for the
-// recipients t.rcpts[idx...] and returns their outcomes in that order.
-func (s *Server) deliverTo(ctx context.Context, c *session, t *txn, ip netip.Addr, idx []int) []backendOutcome {
-	out := make([]backendOutcome, len(idx))
-	fail := func(err error) []backendOutcome {
-		stage := "connection"
-		var se *stageError
-		if errors.As(err, &se) {
-			stage = se.stage
-		}
-		if ctx.Err() != nil {
-			stage = "shutdown"
-		}
-		for k := range out {
-			if out[k].reply.code == 0 {
-				out[k] = backendOutcome{reply: backendFailed(detail(stage, err)), failed: stage, err: err}
-			}
-		}
-		return out
-	}
+// leg is the part of a transaction that goes to one backend. Only the
+// session's goroutine uses it, except in deliverAll, where each leg is
+// used by one goroutine of its own.
+type leg struct {
+	ip   netip.Addr
+	addr string // ip and port, for logs
+	link *link  // nil before the connection is made and after a failure
 
-	b, err := s.connect(ctx, c, ip)
-	if err != nil {
-		return fail(err)
-	}
-	stop := context.AfterFunc(ctx, func() { b.conn.Close() })
-	defer stop()
-	// QUIT after a completed exchange; after a failure the state of the
-	// connection is unknown and it is just closed.
-	clean := false
-	defer func() {
-		if clean {
-			b.quit()
-		} else {
-			b.conn.Close()
-		}
-	}()
-	b.setTimeout(s.o.DataTimeout)
+	// cmds is the envelope sent (or to be sent) on link: replies come in
+	// this order (RFC 2920 section 3.1); written and answered count the
+	// commands written and the replies read.
+	cmds              []legCmd
+	written, answered int
 
-	// RFC 2920: with PIPELINING, MAIL, the RCPTs and DATA go out in one
-	// write and the replies are read in order; without it, one by one.
+	rcpts []*rcpt // the transaction's recipients on this backend, RCPT order
+
+	retried bool      // a lost connection was replaced (once per leg)
+	redone  bool      // the envelope was replayed because the link sat idle too long
+	msg     bool      // the leg takes the message (it has an accepted recipient)
+	data    bool      // DATA is part of the envelope (no CHUNKING)
+	lastIO  time.Time // when commands were last written
+	sent    bool      // message octets were written: never retry after that
+	done    bool      // the message was delivered and every reply read
+	err     error     // the failure (a *stageError); link is then closed
+}
+
+// errClosing is a 421 reply (RFC 5321 section 3.8: the server closes the
+// channel), as Dovecot sends on shutdown and after its idle timeout.
+var errClosing = errors.New("backend closing the connection")
+
+// errAfter354 reports octets after a 354 reply, which must be followed by
+// nothing until usher sends the message: the session is out of step.
+var errAfter354 = errors.New("data after the 354 reply")
+
+// anyOK reports whether the backend accepted one of the leg's recipients.
+func (lg *leg) anyOK() bool {
+	for _, rc := range lg.rcpts {
+		if rc.ok {
+			return true
+		}
+	}
+	return false
+}
+
+// push writes the commands that may go out now and flushes them in one
+// write: all of them with PIPELINING (RFC 2920 section 3.1; DATA is always
+// last), else the next one once every reply is in. Errors stick to the
+// writer, so a caller may ignore them: the next step returns them again.
+func (lg *leg) push(s *Server, t *txn) error {
+	b := lg.link.b
 	pipelining := b.has("PIPELINING")
-	if err := b.send(s.mailCommand(b, t)); err != nil {
-		return fail(&stageError{"MAIL", err})
+	first := lg.written
+	for lg.written < len(lg.cmds) && (pipelining || lg.written == lg.answered) {
+		cmd := lg.cmds[lg.written]
+		switch cmd.kind {
+		case cmdRSET:
+			_, _ = b.w.WriteString("RSET")
+		case cmdMAIL:
+			_, _ = b.w.WriteString(s.mailCommand(b, t))
+		case cmdRCPT:
+			_, _ = b.w.WriteString("RCPT TO:<")
+			_, _ = b.w.WriteString(cmd.rc.path.raw)
+			_ = b.w.WriteByte('>')
+		case cmdDATA:
+			_, _ = b.w.WriteString("DATA")
+		}
+		_, _ = b.w.WriteString("\r\n")
+		lg.written++
 	}
-	readOne := func(stage string) (smtpReply, error) {
-		if !pipelining {
-			if err := b.flush(); err != nil {
-				return smtpReply{}, &stageError{stage, err}
-			}
-		}
-		r, err := b.readReply()
-		if err != nil {
-			return smtpReply{}, &stageError{stage, err}
-		}
-		return r, nil
+	if lg.written == first {
+		return nil
 	}
-	if pipelining {
-		for _, i := range idx {
-			_ = b.send("RCPT TO:<" + t.rcpts[i].path.raw + ">")
-		}
-		_ = b.send("DATA")
-		if err := b.flush(); err != nil {
-			return fail(&stageError{"MAIL", err})
-		}
+	lg.lastIO = time.Now()
+	if err := b.flush(); err != nil {
+		return &stageError{lg.cmds[first].kind.stage(), err}
 	}
-	mail, err := readOne("MAIL")
+	return nil
+}
+
+// step writes what may be written and reads and applies the next reply.
+func (lg *leg) step(s *Server, t *txn) error {
+	if err := lg.push(s, t); err != nil {
+		return err
+	}
+	cmd := lg.cmds[lg.answered]
+	r, err := lg.link.b.readReply()
 	if err != nil {
-		return fail(err)
+		return &stageError{cmd.kind.stage(), err}
 	}
-	if mail.code/100 != 2 {
-		// The RCPT replies that follow are consequences (503); every
-		// recipient is retried later.
-		return fail(&stageError{"MAIL", unexpected(mail)})
+	lg.answered++
+	return lg.apply(cmd, r)
+}
+
+// apply takes in the backend's reply to cmd.
+func (lg *leg) apply(cmd legCmd, r smtpReply) error {
+	stage := cmd.kind.stage()
+	if r.code == 421 {
+		return &stageError{stage, fmt.Errorf("%w: %s", errClosing, r)}
 	}
-	accepted := make([]int, 0, len(idx)) // positions in out accepted by the backend
-	for k, i := range idx {
-		if !pipelining {
-			if err := b.send("RCPT TO:<" + t.rcpts[i].path.raw + ">"); err != nil {
-				return fail(&stageError{"RCPT", err})
-			}
+	switch cmd.kind {
+	case cmdRSET, cmdMAIL:
+		if r.code/100 != 2 {
+			// After a refused MAIL the RCPT replies are consequences (503);
+			// every recipient is retried later.
+			return &stageError{stage, unexpected(r)}
 		}
-		r, err := readOne("RCPT")
-		if err != nil {
-			return fail(err)
-		}
+	case cmdRCPT:
 		switch r.code / 100 {
 		case 2:
-			accepted = append(accepted, k)
+			cmd.rc.ok = true
 		case 4, 5:
-			// The backend's own verdict on the recipient, relayed after
-			// DATA (4xx stays 4xx, 5xx stays 5xx).
+			// The backend's own verdict on the recipient (4xx stays 4xx,
+			// 5xx stays 5xx).
 			rep, _ := relayReply(r)
-			out[k] = backendOutcome{reply: rep}
+			cmd.rc.refusal = &rep
 		default:
-			return fail(&stageError{"RCPT", unexpected(r)})
+			return &stageError{stage, unexpected(r)}
+		}
+	case cmdDATA:
+		switch {
+		case r.code == 354:
+			// RFC 5321 section 4.1.1.4: after 354 the server waits for the
+			// message; anything it sent beyond is out of step.
+			if lg.link.b.r.Buffered() > 0 {
+				return &stageError{stage, errAfter354}
+			}
+		case !lg.anyOK() && (r.code/100 == 4 || r.code/100 == 5):
+			// RFC 2033 section 4.2: DATA without a valid recipient fails
+			// (503); possible after a replay in which the backend refused
+			// every recipient. Nothing to send.
+			lg.data = false
+		default:
+			return &stageError{stage, unexpected(r)}
 		}
 	}
-	if len(accepted) == 0 && !pipelining {
-		clean = true
-		return out // nothing to send
+	return nil
+}
+
+// sync writes the leg's envelope and reads every reply due, replacing a
+// connection found lost on the way once (see retry).
+func (lg *leg) sync(ctx context.Context, s *Server, c *session, t *txn) {
+	if lg.link != nil {
+		// Envelope replies come at once from a healthy backend; the client
+		// waits for them (RCPT), so a hung backend must not hold it long.
+		lg.link.b.setTimeout(s.loginTimeout())
 	}
-	if !pipelining {
-		if err := b.send("DATA"); err != nil {
-			return fail(&stageError{"DATA", err})
+	for lg.err == nil && lg.link != nil && lg.answered < len(lg.cmds) {
+		err := lg.step(s, t)
+		if err == nil {
+			continue
 		}
+		if !lg.retried && !lg.sent && ctx.Err() == nil && connLost(err) {
+			c.log.Info("backend connection lost, retrying on a new one", "backend", lg.addr, "error", err)
+			lg.retried = true
+			if err = lg.reconnect(ctx, s, c); err == nil {
+				continue
+			}
+		}
+		lg.fail(err)
 	}
-	data, err := readOne("DATA")
+}
+
+// connLost reports an error that means the connection is gone, as when a
+// backend closed a cached connection while it was idle.
+func connLost(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, errClosing) || errors.Is(err, errAfter354)
+}
+
+// reconnect replaces the leg's connection with a new one and replays the
+// envelope there: MAIL, an RCPT for every recipient still in the
+// transaction, and DATA when it was part of it and the new connection does
+// not offer CHUNKING. It is only used before any
+// octet of the message went to the backend: without the message's final
+// "." the backend cannot have delivered it, so nothing is delivered twice.
+// The replayed RCPTs get new verdicts: a recipient refused now, though the
+// client already got 250 for it, gets the refusal after DATA.
+func (lg *leg) reconnect(ctx context.Context, s *Server, c *session) error {
+	lg.closeLink()
+	l, err := s.dialLink(ctx, c, lg.ip)
 	if err != nil {
-		return fail(err)
+		return err
 	}
-	if len(accepted) == 0 {
-		// RFC 2033 section 4.2: DATA without recipients fails with 503.
-		// A backend answering 354 anyway cannot be talked to sensibly.
-		clean = data.code != 354
-		return out
+	l.txns = 1
+	lg.link = l
+	lg.cmds = append(lg.cmds[:0], legCmd{kind: cmdMAIL})
+	for _, rc := range lg.rcpts {
+		rc.ok, rc.refusal = false, nil
+		lg.cmds = append(lg.cmds, legCmd{kind: cmdRCPT, rc: rc})
 	}
-	if data.code != 354 {
-		return fail(&stageError{"DATA", unexpected(data)})
+	lg.data = lg.data && !l.b.has("CHUNKING")
+	if lg.data {
+		lg.cmds = append(lg.cmds, legCmd{kind: cmdDATA})
 	}
-	if err := s.sendMessage(b, t.spool); err != nil {
-		return fail(&stageError{"message", err})
+	lg.written, lg.answered = 0, 0
+	return nil
+}
+
+// fail records the leg's failure and closes its connection, whose state is
+// unknown.
+func (lg *leg) fail(err error) {
+	lg.err = err
+	lg.closeLink()
+}
+
+func (lg *leg) closeLink() {
+	if lg.link != nil {
+		lg.link.close(false)
+		lg.link = nil
 	}
-	// RFC 2033 section 4.2: one reply per recipient the backend accepted,
-	// in RCPT order.
-	for _, k := range accepted {
+}
+
+// deliver completes the leg after the message was received: with DATA it
+// reads the backend's 354 and sends the message dot-stuffed and the final
+// "." (RFC 5321 section 4.1.1.4), else it sends "BDAT <size> LAST" and the
+// message (RFC 3030 section 2); then it reads one reply per recipient the
+// backend accepted (RFC 2033 section 4.2), in RCPT order, into rc.result.
+func (lg *leg) deliver(ctx context.Context, s *Server, c *session, t *txn) {
+	if lg.err != nil || !lg.msg {
+		return
+	}
+	if !lg.redone && time.Since(lg.lastIO) > s.dataWaitMax {
+		// The backend has heard nothing since the RCPTs or DATA for longer
+		// than its idle timeout may allow (Dovecot: 5 minutes): sending
+		// the message into a connection it may be closing would fail after
+		// the first octet, when a retry is no longer safe. Replay the
+		// envelope on a new connection first.
+		lg.redone = true
+		if err := lg.reconnect(ctx, s, c); err != nil {
+			lg.fail(err)
+			return
+		}
+	}
+	if !lg.data && !lg.link.b.has("CHUNKING") {
+		// Only after a reconnect: the new connection has no CHUNKING.
+		lg.data = true
+		lg.cmds = append(lg.cmds, legCmd{kind: cmdDATA})
+	}
+	lg.sync(ctx, s, c, t) // the 354; after a replay the RCPT replies too
+	if lg.err != nil || !lg.anyOK() {
+		return // failed, or a replay in which the backend refused everyone
+	}
+	b := lg.link.b
+	lg.sent = true
+	b.setTimeout(s.o.DataTimeout) // the message and the replies to it
+	if err := s.sendMessage(b, t.spool, lg.data); err != nil {
+		lg.fail(&stageError{"message", err})
+		return
+	}
+	for _, rc := range lg.rcpts {
+		if !rc.ok {
+			continue
+		}
 		r, err := b.readReply()
+		if err == nil && r.code == 421 {
+			// The backend closes the connection (RFC 5321 section 3.8):
+			// not a verdict on this recipient; retried by the MTA.
+			err = fmt.Errorf("%w: %s", errClosing, r)
+		}
 		if err != nil {
-			return fail(&stageError{"DATA reply", err})
+			lg.fail(&stageError{"DATA reply", err})
+			return
 		}
 		rep, ok := relayReply(r)
 		if !ok {
-			return fail(&stageError{"DATA reply", unexpected(r)})
+			lg.fail(&stageError{"DATA reply", unexpected(r)})
+			return
 		}
-		out[k] = backendOutcome{reply: rep}
+		rc.result, rc.final = rep, true
 	}
-	clean = true
-	return out
+	lg.done = true
 }
 
-// sendMessage streams the spooled message and the terminating "." line
-// (RFC 5321 section 4.1.1.4); the spool holds it dot-stuffed already.
-func (s *Server) sendMessage(b *backendConn, sp *spool) error {
-	if _, err := io.Copy(b.w, sp.reader()); err != nil {
-		return err
+// deliverAll completes every leg that takes the message, all backends in parallel,
+// and sets each recipient's reply: the backend's own after DATA, its
+// refusal of the recipient, or a temporary failure (451) when the backend
+// failed at some step.
+func (s *Server) deliverAll(ctx context.Context, c *session, t *txn) {
+	var active []*leg
+	for _, lg := range t.legs {
+		if lg.err == nil && lg.msg {
+			active = append(active, lg)
+		}
 	}
-	if _, err := b.w.WriteString(".\r\n"); err != nil {
+	if len(active) == 1 {
+		active[0].deliver(ctx, s, c, t)
+	} else {
+		var wg sync.WaitGroup
+		for _, lg := range active {
+			wg.Go(func() { lg.deliver(ctx, s, c, t) })
+		}
+		wg.Wait()
+	}
+	for _, rc := range t.rcpts {
+		var stage string
+		var err error
+		switch {
+		case rc.final:
+		case rc.refusal != nil:
+			rc.result = *rc.refusal
+		default:
+			stage, err = failure(ctx, rc.leg.err)
+			rc.result = backendFailed(detail(stage, err))
+		}
+		c.logDelivery(ctx, rc, stage, err)
+	}
+}
+
+// failure names the step of a leg's failure and its error.
+func failure(ctx context.Context, err error) (string, error) {
+	if err == nil {
+		// Cannot happen: a recipient without a reply is on a failed leg.
+		err = errors.New("no reply from the backend")
+	}
+	stage := "connection"
+	var se *stageError
+	if errors.As(err, &se) {
+		stage = se.stage
+	}
+	if ctx.Err() != nil {
+		stage = "shutdown"
+	}
+	return stage, err
+}
+
+// sendMessage sends the spooled message: after DATA's 354 dot-stuffed
+// (RFC 5321 section 4.5.2) and ended by the "." line (section 4.1.1.4),
+// else as "BDAT <size> LAST" and the message as it is (RFC 3030 section 2:
+// the size counts the octets that follow, no stuffing). One flush: a small
+// message goes out in one write with its command.
+func (s *Server) sendMessage(b *backendConn, sp *spool, data bool) error {
+	if data {
+		if _, err := io.Copy(&dotStuffer{w: b.w}, sp.reader()); err != nil {
+			return err
+		}
+		if _, err := b.w.WriteString(".\r\n"); err != nil {
+			return err
+		}
+		return b.flush()
+	}
+	_, _ = b.w.WriteString("BDAT ")
+	_, _ = b.w.WriteString(strconv.FormatInt(sp.size, 10))
+	_, _ = b.w.WriteString(" LAST\r\n")
+	if _, err := io.Copy(b.w, sp.reader()); err != nil {
 		return err
 	}
 	return b.flush()

@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -34,25 +36,32 @@ type fakeBackend struct {
 	xclient   string            // XCLIENT parameters to advertise; "" for none
 	tls       *tls.Config       // offer STARTTLS
 	mailReply string            // reply to MAIL (default 250)
-	rcptReply map[string]string // address -> reply to RCPT (default 250)
+	rcptReply map[string]string // address -> reply to RCPT (default 250; "": never answer)
 	dataReply map[string]string // address -> reply after DATA (default 250)
 	// closeMidData closes the connection after the first message line;
 	// stall reads the message and then never answers.
 	closeMidData bool
 	stall        bool
+	// failData is closeMidData switched on while the backend runs
+	// (setFailData).
+	failData bool
 	// onData runs after the message was read, before the replies.
 	onData func()
 
-	mu     sync.Mutex
-	conns  []*backendRecord
-	ctx    context.Context // ends with the test
-	cancel context.CancelFunc
+	mu       sync.Mutex
+	conns    []*backendRecord
+	open     map[net.Conn]bool // connections being served
+	messages [][]byte          // every message received completely, unstuffed, in order
+	ctx      context.Context   // ends with the test
+	cancel   context.CancelFunc
 }
 
 // backendRecord is what one connection to a fake backend received.
 type backendRecord struct {
 	cmds []string // command lines; "+TLS " prefixes lines read over TLS
-	data []byte   // the message as received, without the final ".\r\n"
+	// data is the last message as received: after DATA dot-stuffed and
+	// without the final ".\r\n", after BDAT as sent.
+	data []byte
 }
 
 // newBackends starts n fake backends on 127.0.0.1, 127.0.0.2, ... sharing
@@ -119,12 +128,63 @@ func (b *fakeBackend) records() []backendRecord {
 	return out
 }
 
+// setFailData makes every later message fail as with closeMidData.
+func (b *fakeBackend) setFailData() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.failData = true
+}
+
+func (b *fakeBackend) failingData() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.failData
+}
+
+// live returns how many connections are being served.
+func (b *fakeBackend) live() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.open)
+}
+
+// delivered returns every message received completely (after DATA up to
+// the final ".", after BDAT up to the last chunk), without dot-stuffing, in
+// order.
+func (b *fakeBackend) delivered() [][]byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.messages)
+}
+
+// kick ends every open connection as a backend's idle timeout does: it
+// writes line (unless "") and closes the connection.
+func (b *fakeBackend) kick(line string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for c := range b.open {
+		if line != "" {
+			_, _ = io.WriteString(c, line+"\r\n")
+		}
+		c.Close()
+	}
+}
+
 // handle serves one connection and records what it received.
 func (b *fakeBackend) handle(c net.Conn, _ int) {
 	rec := &backendRecord{}
 	b.mu.Lock()
 	b.conns = append(b.conns, rec)
+	if b.open == nil {
+		b.open = make(map[net.Conn]bool)
+	}
+	b.open[c] = true
 	b.mu.Unlock()
+	defer func() {
+		b.mu.Lock()
+		delete(b.open, c)
+		b.mu.Unlock()
+	}()
 	// Unblock a stalled or reading backend when the test ends.
 	stop := context.AfterFunc(b.ctx, func() { c.Close() })
 	defer stop()
@@ -150,6 +210,7 @@ func (b *fakeBackend) serve(c net.Conn, rec *backendRecord) {
 		return
 	}
 	var accepted []string
+	var chunks []byte // BDAT data so far
 	inMail := false
 	for {
 		l, err := r.ReadString('\n')
@@ -210,6 +271,10 @@ func (b *fakeBackend) serve(c net.Conn, rec *backendRecord) {
 			}
 			addr := strings.TrimSuffix(strings.TrimPrefix(arg, "TO:<"), ">")
 			if rep, ok := b.rcptReply[addr]; ok {
+				if rep == "" { // hang: never answer
+					<-b.ctx.Done()
+					return
+				}
 				write(rep)
 				continue
 			}
@@ -231,28 +296,44 @@ func (b *fakeBackend) serve(c net.Conn, rec *backendRecord) {
 					break
 				}
 				data = append(data, dl...)
-				if first && b.closeMidData {
+				if first && (b.closeMidData || b.failingData()) {
 					return
 				}
 			}
-			b.record(rec, func() { rec.data = data })
-			if b.onData != nil {
-				b.onData()
-			}
-			if b.stall {
-				<-b.ctx.Done()
+			if !b.finish(rec, data, unstuff(data), accepted, write) {
 				return
 			}
-			for _, a := range accepted {
-				if rep, ok := b.dataReply[a]; ok {
-					write(rep)
-				} else {
-					write("250 2.0.0 <" + a + "> Saved")
-				}
+			accepted, inMail = nil, false
+		case "BDAT":
+			// RFC 3030 section 2: the chunk is read whatever the answer.
+			sizeArg, last, _ := strings.Cut(arg, " ")
+			n, err := strconv.Atoi(sizeArg)
+			if err != nil || (last != "" && last != "LAST") || !slices.Contains(b.ext, "CHUNKING") {
+				write("501 5.5.4 bad BDAT")
+				return
 			}
-			accepted, inMail = nil, false
+			k := n
+			if b.closeMidData || b.failingData() {
+				k = min(n, 10)
+			}
+			buf := make([]byte, k)
+			if _, err := io.ReadFull(r, buf); err != nil || k < n {
+				return
+			}
+			chunks = append(chunks, buf...)
+			switch {
+			case len(accepted) == 0:
+				write("503 5.5.1 No valid recipients")
+			case last == "":
+				write("250 2.0.0 " + sizeArg + " octets received")
+			default:
+				if !b.finish(rec, chunks, chunks, accepted, write) {
+					return
+				}
+				accepted, inMail, chunks = nil, false, nil
+			}
 		case "RSET":
-			accepted, inMail = nil, false
+			accepted, inMail, chunks = nil, false, nil
 			write("250 2.0.0 OK")
 		case "QUIT":
 			write("221 2.0.0 Bye")
@@ -261,6 +342,31 @@ func (b *fakeBackend) serve(c net.Conn, rec *backendRecord) {
 			write("500 5.5.2 Unknown command")
 		}
 	}
+}
+
+// finish records a message received completely and sends the replies, one
+// per accepted recipient (RFC 2033 section 4.2); false when the connection
+// is to end.
+func (b *fakeBackend) finish(rec *backendRecord, data, msg []byte, accepted []string, write func(...string) bool) bool {
+	b.record(rec, func() {
+		rec.data = data
+		b.messages = append(b.messages, msg)
+	})
+	if b.onData != nil {
+		b.onData()
+	}
+	if b.stall {
+		<-b.ctx.Done()
+		return false
+	}
+	for _, a := range accepted {
+		if rep, ok := b.dataReply[a]; ok {
+			write(rep)
+		} else {
+			write("250 2.0.0 <" + a + "> Saved")
+		}
+	}
+	return true
 }
 
 type sessionOpts struct {
@@ -331,6 +437,29 @@ func stuff(lines ...string) string {
 		sb.WriteString("\r\n")
 	}
 	return sb.String()
+}
+
+// plain ends each message line with CRLF, without dot-stuffing: the
+// message as a backend stores it, and as BDAT carries it.
+func plain(lines ...string) string {
+	var sb strings.Builder
+	for _, l := range lines {
+		sb.WriteString(l)
+		sb.WriteString("\r\n")
+	}
+	return sb.String()
+}
+
+// unstuff undoes DATA's dot-stuffing (RFC 5321 section 4.5.2).
+func unstuff(data []byte) []byte {
+	var out []byte
+	for _, l := range bytes.SplitAfter(data, []byte("\n")) {
+		if len(l) > 0 && l[0] == '.' {
+			l = l[1:]
+		}
+		out = append(out, l...)
+	}
+	return out
 }
 
 // rcptsOf returns the RCPT commands in a backend record.

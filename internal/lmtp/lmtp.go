@@ -4,38 +4,54 @@
 // with PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034, RFC 3463),
 // 8BITMIME (RFC 6152), SIZE (RFC 1870), SMTPUTF8 (RFC 6531), CHUNKING
 // (RFC 3030) and STARTTLS (RFC 3207). For every RCPT usher asks the Director
-// for the recipient's backend; after DATA it opens one LMTP connection per
-// backend involved (all in parallel), replays the envelope with the
-// backend's recipients, streams the message and relays each recipient's
-// answer in RCPT order.
+// for the recipient's backend and passes the RCPT on to that backend over
+// an LMTP connection of the session's own (MAIL first, for the first
+// recipient there); at the end of the client's pipelined group of commands
+// it writes each backend's commands in one go (RFC 2920) and relays each
+// backend's verdict on its recipient (250, a 550 for an unknown user, a 452
+// for a full mailbox) as the reply to that RCPT, as Dovecot's own LMTP proxy
+// does. It receives the message into the spool, then sends it to every
+// backend with an accepted recipient, all in parallel, with one
+// "BDAT <size> LAST" (RFC 3030) where the backend offers CHUNKING, else
+// after DATA (sent at the client's DATA, so that the 354 is there when the
+// message is), and relays each recipient's reply in RCPT order (RFC 2033
+// section 4.2).
 //
-// Replies to RCPT come before the backends are contacted. RFC 2033 only
-// gives per-recipient replies after DATA, but the RCPT reply is due first:
-// usher answers RCPT with 250 once the Director has placed the user, and the
-// backend's own verdict on the recipient (a 550 for an unknown user, a 452
-// for a full mailbox) is that recipient's reply after DATA. An MTA handles
-// both the same way (bounce or retry that recipient), so nothing is lost;
-// only the rejection comes one step later than from Dovecot itself.
+// Backend connections outlive the transaction (link.go): the next
+// transaction of the same client session to the same backend goes over the
+// same connection, with no new connect, greeting, LHLO or XCLIENT. A cached
+// connection found closed by the backend is replaced once, transparently,
+// before any octet of the message was sent on it (deliver.go), so that
+// nothing is delivered twice.
 //
 // Invariants:
 //   - Every client read has a deadline (IdleTimeout per command,
-//     DataTimeout per message line or chunk piece) and a cap (8 KiB per
+//     DataTimeout per read of message data or chunk piece) and a cap (8 KiB per
 //     command line, 64 KiB per message line, MaxMessageSize per message);
 //     every backend read and write has one too (LoginTimeout from connect to
-//     the end of the handshake, DataTimeout per answer and write after it).
-//   - A message is stored once, in wire form (dot-stuffed, CRLF): in memory
+//     the end of the handshake and per envelope reply — MAIL, RCPT, DATA's
+//     354 — since the client waits for them at RCPT; DataTimeout per write
+//     of the message and per reply after it),
+//     and an unused backend connection is closed after linkIdle.
+//   - A message is stored once, as delivered (not dot-stuffed, CRLF): in memory
 //     up to 1 MiB, then in a 0600 temporary file in SpoolDir that is removed
 //     when the transaction ends. Every backend reads its own stream from the
 //     spool. Message content and command lines are never logged.
 //   - A recipient gets 250 after DATA only when its backend answered 250 for
-//     it. A backend refusing the recipient at RCPT has its reply relayed
-//     (4xx stays 4xx, 5xx stays 5xx); any other failure (connect, timeout,
-//     refused MAIL, a dropped connection, a missing reply) is answered
-//     451 4.4.0 so that the MTA retries. Every accepted recipient gets
-//     exactly one reply.
-//   - Each accepted recipient holds a Director lease from RCPT until the
-//     transaction ends (after the DATA replies, RSET, LHLO, STARTTLS, QUIT or
-//     the end of the session), so a move of the user waits for the delivery;
+//     it after the message. A backend refusing the recipient at RCPT has its
+//     reply relayed (4xx stays 4xx, 5xx stays 5xx); any other failure
+//     (connect, timeout, refused MAIL, a dropped connection, a missing reply)
+//     is answered 451 4.4.0 so that the MTA retries, at RCPT when it happens
+//     before, after DATA when it happens after the client got 250 for the
+//     recipient. Every accepted recipient gets exactly one reply after DATA.
+//   - A backend connection whose state is in doubt (any error, a message
+//     begun but not completed) is closed, never reused; a cached one is
+//     reused only after a completed transaction (or with RSET first when a
+//     transaction was left open without DATA).
+//   - Each recipient holds a Director lease from RCPT until its backend
+//     refuses it or the transaction ends (after the DATA replies, RSET, LHLO,
+//     STARTTLS, QUIT or the end of the session), so a move of the user waits
+//     for the delivery;
 //     each lease is released exactly once. A lease's Done channel closing
 //     mid-transaction (the user is kicked or moved) does not stop the
 //     delivery: it is short, and the move is waiting for it to finish.
@@ -51,12 +67,15 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
@@ -100,8 +119,8 @@ type Options struct {
 	Hostname string
 	// IdleTimeout bounds each command read (default 5m).
 	IdleTimeout time.Duration
-	// DataTimeout bounds each read of message data and each backend answer
-	// after the handshake (default 10m).
+	// DataTimeout bounds each read of message data, each write of it to a
+	// backend and each backend reply to it (default 10m).
 	DataTimeout time.Duration
 	// MaxMessageSize caps a message in octets (default 64 MiB); advertised
 	// in SIZE.
@@ -130,6 +149,11 @@ type Server struct {
 	maxDataLine int
 	// dial connects to a backend; tests replace it.
 	dial func(ctx context.Context, ip netip.Addr, sess *proxy.Session) (net.Conn, error)
+	// linkIdle, linkMaxTxns and dataWaitMax bound the reuse of backend
+	// connections (link.go, deliver.go); tests lower them.
+	linkIdle    time.Duration
+	linkMaxTxns int
+	dataWaitMax time.Duration
 }
 
 var _ proxy.Handler = (*Server)(nil)
@@ -152,7 +176,8 @@ func New(o Options) *Server {
 	if o.MaxRecipients <= 0 {
 		o.MaxRecipients = DefaultMaxRecipients
 	}
-	s := &Server{o: o, maxLine: wire.DefaultMaxLine, memSpool: memSpool, maxDataLine: maxDataLine}
+	s := &Server{o: o, maxLine: wire.DefaultMaxLine, memSpool: memSpool, maxDataLine: maxDataLine,
+		linkIdle: linkIdle, linkMaxTxns: linkMaxTxns, dataWaitMax: dataWaitMax}
 	s.dial = s.o.Backend.DialFor
 	return s
 }
@@ -181,33 +206,64 @@ type txn struct {
 	size     int64  // the client's SIZE parameter (0 when absent)
 	body     string // the client's BODY parameter, upper case ("" when absent)
 	smtputf8 bool
-	rcpts    []*rcpt
+	// rcpts are the recipients accepted so far, or whose backend's verdict
+	// is still due; legs are their backends' parts of the transaction, in
+	// the order the backends were first named.
+	rcpts []*rcpt
+	legs  []*leg
 
 	spool   *spool
 	msgSize int64 // message octets received (unstuffed, RFC 1870 section 4)
-	// BDAT state (RFC 3030): chunks received, the stuffer turning them into
-	// wire form, and whether a chunk failed (then only RSET helps).
+	// BDAT state (RFC 3030): chunks received, the normalizer of their line
+	// ends, and whether a chunk failed (then only RSET helps).
 	chunks      int
-	stuff       *stuffer
+	norm        *normalizer
 	chunkFailed bool
 }
 
-// rcpt is one accepted recipient.
+// rcpt is one recipient the Director placed.
 type rcpt struct {
-	path   path
-	user   string // the routing user given to the Director
-	lease  *proxy.Lease
-	result reply // the reply after DATA
+	path  path
+	user  string // the routing user given to the Director
+	lease *proxy.Lease
+	leg   *leg // its backend's part of the transaction
+	// The backend's verdict on RCPT: ok, or its refusal (relayed at RCPT
+	// or, after a replay on a new connection, after DATA).
+	ok      bool
+	refusal *reply
+	// gone: refused at RCPT, out of the transaction, lease released.
+	gone bool
+	// result is the reply after DATA; final when the backend gave it.
+	result reply
+	final  bool
+}
+
+// pendingReply is the place in session.out of an RCPT reply that waits for
+// the backend's verdict.
+type pendingReply struct {
+	at int
+	rc *rcpt
 }
 
 // session is one client connection.
 type session struct {
 	srv  *Server
+	ctx  context.Context // the session's life (Serve's context)
 	sess *proxy.Session
-	raw  net.Conn // the accepted connection, under any TLS layer
+	raw  net.Conn  // the accepted connection, under any TLS layer
+	in   *readConn // what r reads from: the connection, over any TLS layer
 	r    *wire.Reader
 	log  *slog.Logger
 	out  []byte // replies not yet written (RFC 2920 section 3.2)
+	// pend are RCPT replies to be placed into out once the backends have
+	// answered (settle), which builds the new out in spare.
+	pend  []pendingReply
+	spare []byte
+	// links are the backend connections cached between transactions.
+	links map[netip.Addr]*link
+	// spoolBuf is the memory of the last message's spool, kept for the
+	// next one when small (spoolKeep).
+	spoolBuf []byte
 
 	helo string // the client's LHLO name; "" before LHLO
 	bad  int    // bad commands in a row
@@ -220,12 +276,16 @@ func (s *Server) Serve(ctx context.Context, sess *proxy.Session) string {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	c := &session{srv: s, sess: sess, raw: sess.Conn, log: log}
-	c.r = wire.NewReaderContext(ctx, sess.Conn, s.o.IdleTimeout, s.maxLine)
+	c := &session{srv: s, ctx: ctx, sess: sess, raw: sess.Conn, log: log}
+	c.in = &readConn{Conn: sess.Conn, ctx: ctx}
+	c.r = wire.NewReaderContext(ctx, c.in, s.o.IdleTimeout, s.maxLine)
 	// A shutdown makes a blocked read return at once; usher then says 421.
 	stop := wire.WatchContext(ctx, c.raw)
 	defer stop()
-	defer c.endTransaction()
+	defer func() {
+		c.endTransaction()
+		c.closeLinks()
+	}()
 	return c.run(ctx)
 }
 
@@ -262,6 +322,11 @@ func (c *session) dispatch(ctx context.Context, line []byte) string {
 	if err != nil {
 		c.log.Debug("malformed command")
 		return c.answer(replyUnknown)
+	}
+	if verb != "RCPT" {
+		// Every other command sees the outcome of the RCPTs before it, and
+		// its reply follows theirs.
+		c.settle()
 	}
 	switch verb {
 	case "LHLO":
@@ -306,6 +371,8 @@ func (c *session) cmdLHLO(arg string) string {
 		return c.answer(replyLHLOSyntax)
 	}
 	c.endTransaction()
+	// The backend connections carry the old LHLO name (XCLIENT HELO).
+	c.closeLinks()
 	c.helo = name
 	c.bad = 0
 	ext := []string{
@@ -405,8 +472,9 @@ func parseSize(s string) (int64, bool) {
 	return n, true
 }
 
-// cmdRcpt is RFC 5321 section 4.1.1.3 RCPT: the Director places the user;
-// the backend's verdict comes after DATA (see the package comment).
+// cmdRcpt is RFC 5321 section 4.1.1.3 RCPT: the Director places the user
+// and the RCPT is queued for the user's backend; the reply, the backend's
+// verdict, is placed by settle (see the package comment).
 func (c *session) cmdRcpt(ctx context.Context, arg string) string {
 	t := c.tx
 	if t == nil {
@@ -445,8 +513,149 @@ func (c *session) cmdRcpt(ctx context.Context, arg string) string {
 		c.log.Warn("recipient", "user", user, "result", replyUnavailable.code, "status", replyUnavailable.enh, "error", err)
 		return c.answer(replyUnavailable)
 	}
-	t.rcpts = append(t.rcpts, &rcpt{path: to, user: user, lease: lease})
-	return c.answer(replyRcptOK)
+	rc := &rcpt{path: to, user: user, lease: lease}
+	lg := c.legFor(lease.Backend)
+	rc.leg = lg
+	lg.rcpts = append(lg.rcpts, rc)
+	lg.cmds = append(lg.cmds, legCmd{kind: cmdRCPT, rc: rc})
+	t.rcpts = append(t.rcpts, rc)
+	c.pend = append(c.pend, pendingReply{at: len(c.out), rc: rc})
+	c.bad = 0
+	return ""
+}
+
+// legFor returns the current transaction's leg to the backend at ip,
+// starting it (with a cached connection when there is one, and MAIL) the
+// first time.
+func (c *session) legFor(ip netip.Addr) *leg {
+	t := c.tx
+	for _, lg := range t.legs {
+		if lg.ip == ip {
+			return lg
+		}
+	}
+	lg := &leg{ip: ip, addr: c.srv.o.Backend.Addr(ip)}
+	if l := c.checkout(ip); l != nil {
+		l.txns++
+		lg.link = l
+		if l.dirty {
+			// RFC 5321 section 4.1.1.5: RSET aborts the transaction left
+			// open there; RFC 2920 section 3.1 lets it be pipelined.
+			lg.cmds = append(lg.cmds, legCmd{kind: cmdRSET})
+		}
+	}
+	lg.cmds = append(lg.cmds, legCmd{kind: cmdMAIL})
+	t.legs = append(t.legs, lg)
+	return lg
+}
+
+// settle sends the queued envelope commands to the backends, waits for
+// their verdicts on the recipients whose RCPT replies are due and puts
+// those replies in their places in c.out. New connections are made in
+// parallel, and every backend gets its commands before usher waits for any
+// of them. A recipient refused by its backend, or whose backend failed,
+// leaves the transaction.
+func (c *session) settle() {
+	if len(c.pend) == 0 {
+		return
+	}
+	t, s := c.tx, c.srv
+	var wg sync.WaitGroup
+	for _, lg := range t.legs {
+		if lg.link == nil && lg.err == nil {
+			wg.Go(func() {
+				l, err := s.dialLink(c.ctx, c, lg.ip)
+				if err != nil {
+					lg.err = err
+					return
+				}
+				l.txns = 1
+				lg.link = l
+			})
+		}
+	}
+	wg.Wait()
+	for _, lg := range t.legs {
+		if lg.link != nil && lg.err == nil {
+			_ = lg.push(s, t) // an error shows again in sync
+		}
+	}
+	for _, lg := range t.legs {
+		lg.sync(c.ctx, s, c, t)
+	}
+
+	out := c.spare[:0]
+	prev := 0
+	for _, p := range c.pend {
+		out = append(out, c.out[prev:p.at]...)
+		prev = p.at
+		out = append(out, c.verdict(p.rc).String()...)
+		out = append(out, '\r', '\n')
+	}
+	c.out, c.spare = append(out, c.out[prev:]...), c.out
+	c.pend = c.pend[:0]
+	gone := func(rc *rcpt) bool { return rc.gone }
+	t.rcpts = slices.DeleteFunc(t.rcpts, gone)
+	for _, lg := range t.legs {
+		lg.rcpts = slices.DeleteFunc(lg.rcpts, gone)
+	}
+}
+
+// verdict is the RCPT reply for rc once its backend has answered; a
+// recipient not accepted leaves the transaction and its lease is released.
+func (c *session) verdict(rc *rcpt) reply {
+	var stage string
+	var err error
+	switch {
+	case rc.refusal != nil:
+		rc.result = *rc.refusal
+	case rc.leg.err != nil:
+		stage, err = failure(c.ctx, rc.leg.err)
+		rc.result = backendFailed(detail(stage, err))
+	case rc.ok:
+		return replyRcptOK
+	default:
+		// Cannot happen: sync reads every reply or fails the leg.
+		stage, err = failure(c.ctx, nil)
+		rc.result = backendFailed(detail(stage, err))
+	}
+	c.logDelivery(c.ctx, rc, stage, err)
+	rc.gone = true
+	rc.lease.Release()
+	return rc.result
+}
+
+// logDelivery logs the outcome for one recipient: its reply and, when a
+// backend failed, the step and the error.
+func (c *session) logDelivery(ctx context.Context, rc *rcpt, stage string, err error) {
+	attrs := []any{"user", rc.user, "backend", rc.leg.addr, "result", rc.result.code, "status", rc.result.enh}
+	level := slog.LevelInfo
+	if stage != "" {
+		level = slog.LevelWarn
+		attrs = append(attrs, "failed", stage, "error", err)
+	}
+	c.log.Log(ctx, level, "delivery", attrs...)
+}
+
+// startData marks the legs that take the message (those whose backend
+// accepted a recipient) and sends DATA to those whose backend has no
+// CHUNKING, so that its 354 comes while the client sends the message
+// (RFC 2920 section 3.1: DATA ends a pipelined group; the message waits
+// for the 354). A CHUNKING backend gets BDAT with the message, later.
+func (c *session) startData() {
+	t := c.tx
+	for _, lg := range t.legs {
+		if lg.err != nil || lg.link == nil || !lg.anyOK() {
+			continue
+		}
+		lg.msg = true
+		if lg.link.b.has("CHUNKING") {
+			continue
+		}
+		lg.data = true
+		lg.cmds = append(lg.cmds, legCmd{kind: cmdDATA})
+		_ = lg.push(c.srv, t) // an error shows when the 354 is read
+	}
 }
 
 // cmdData is RFC 5321 section 4.1.1.4 DATA with RFC 2033 section 4.2's
@@ -465,11 +674,12 @@ func (c *session) cmdData(ctx context.Context, arg string) string {
 	case len(t.rcpts) == 0:
 		return c.answer(replyNoRcpts)
 	}
+	c.startData()
 	c.reply(replyStartData)
 	if err := c.flush(); err != nil {
 		return c.writeFailed(ctx)
 	}
-	t.spool = newSpool(c.srv.o.SpoolDir, c.srv.memSpool)
+	t.spool = c.newSpool()
 	failure, err := c.readData(t)
 	if err != nil {
 		return c.readFailed(ctx, err)
@@ -479,14 +689,17 @@ func (c *session) cmdData(ctx context.Context, arg string) string {
 }
 
 // readData reads the message after 354 up to the "." line (RFC 5321
-// section 4.1.1.4) into the spool, keeping its dot-stuffing (section
-// 4.5.2). A message over MaxMessageSize, an overlong line or a spool error
-// is consumed to its end and returned as the recipients' reply; a read
-// error ends the session.
+// section 4.1.1.4) into the spool, undoing its dot-stuffing (section
+// 4.5.2: the first '.' of a line that starts with one is removed). A
+// message over MaxMessageSize, an overlong line or a spool error is
+// consumed to its end and returned as the recipients' reply; a read error
+// ends the session.
 func (c *session) readData(t *txn) (*reply, error) {
 	r := c.r
-	r.MaxLine, r.Timeout = c.srv.maxDataLine, c.srv.o.DataTimeout
-	defer func() { r.MaxLine, r.Timeout = c.srv.maxLine, c.srv.o.IdleTimeout }()
+	// DataTimeout bounds every read from the connection (readConn) rather
+	// than every line: most lines come out of the reader's buffer.
+	r.MaxLine, r.Timeout, c.in.timeout = c.srv.maxDataLine, 0, c.srv.o.DataTimeout
+	defer func() { r.MaxLine, r.Timeout, c.in.timeout = c.srv.maxLine, c.srv.o.IdleTimeout, 0 }()
 	var fail *reply
 	for {
 		line, err := r.ReadLine()
@@ -503,11 +716,10 @@ func (c *session) readData(t *txn) (*reply, error) {
 		if len(line) == 1 && line[0] == '.' {
 			return fail, nil
 		}
-		n := int64(len(line)) + 2
 		if len(line) > 0 && line[0] == '.' {
-			n-- // RFC 1870 section 4: the size does not count stuffing
+			line = line[1:] // RFC 1870 section 4: the size does not count stuffing either
 		}
-		t.msgSize += n
+		t.msgSize += int64(len(line)) + 2
 		if fail != nil {
 			continue
 		}
@@ -568,8 +780,9 @@ func (c *session) cmdBDAT(ctx context.Context, arg string) string {
 		return c.answer(*refuse)
 	}
 	if t.spool == nil {
-		t.spool = newSpool(c.srv.o.SpoolDir, c.srv.memSpool)
-		t.stuff = &stuffer{sp: t.spool}
+		t.spool = c.newSpool()
+		t.norm = &normalizer{sp: t.spool}
+		c.startData()
 	}
 	t.chunks++
 	failure, err := c.readChunk(t, n)
@@ -586,7 +799,7 @@ func (c *session) cmdBDAT(ctx context.Context, arg string) string {
 		return c.answer(reply{250, "2.0.0", strconv.FormatInt(n, 10) + " octets received"})
 	}
 	if failure == nil {
-		if err := t.stuff.end(); err != nil {
+		if err := t.norm.end(); err != nil {
 			c.log.Error("spool", "error", err)
 			failure = &replySpoolFailed
 		}
@@ -595,7 +808,7 @@ func (c *session) cmdBDAT(ctx context.Context, arg string) string {
 	return ""
 }
 
-// readChunk reads n octets of a BDAT chunk into the spool, in wire form.
+// readChunk reads n octets of a BDAT chunk into the spool.
 func (c *session) readChunk(t *txn, n int64) (*reply, error) {
 	var fail *reply
 	t.msgSize += n
@@ -616,7 +829,7 @@ func (c *session) readChunk(t *txn, n int64) (*reply, error) {
 		if fail != nil {
 			continue
 		}
-		if err := t.stuff.write(b); err != nil {
+		if err := t.norm.write(b); err != nil {
 			c.log.Error("spool", "error", err)
 			fail = &replySpoolFailed
 			t.spool.close()
@@ -652,6 +865,8 @@ func (c *session) finishMessage(ctx context.Context, failure *reply) {
 		}
 	}
 	if failure != nil {
+		// The backends that got DATA are in the middle of a message that
+		// will not come: endTransaction closes those connections.
 		for _, rc := range t.rcpts {
 			rc.result = *failure
 			c.log.Info("delivery", "user", rc.user, "result", failure.code, "status", failure.enh,
@@ -685,6 +900,7 @@ func (c *session) cmdStartTLS(ctx context.Context, arg string) string {
 	// RFC 3207 section 4.2: both sides forget the state before TLS; the
 	// client must LHLO again.
 	c.endTransaction()
+	c.closeLinks()
 	c.helo = ""
 	c.reply(replyTLSReady)
 	if err := c.flush(); err != nil {
@@ -700,21 +916,54 @@ func (c *session) cmdStartTLS(ctx context.Context, arg string) string {
 		return reasonTLSFailed
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
-	c.r = wire.NewReaderContext(ctx, tc, c.srv.o.IdleTimeout, c.srv.maxLine)
+	c.in = &readConn{Conn: tc, ctx: ctx}
+	c.r = wire.NewReaderContext(ctx, c.in, c.srv.o.IdleTimeout, c.srv.maxLine)
 	return ""
 }
 
-// endTransaction releases the transaction's leases and spool.
+// newSpool starts the spool of a message, in the memory the last one used.
+func (c *session) newSpool() *spool {
+	sp := newSpool(c.srv.o.SpoolDir, c.srv.memSpool)
+	sp.buf, c.spoolBuf = c.spoolBuf, nil
+	return sp
+}
+
+// endTransaction releases the transaction's leases and spool and puts its
+// backend connections back into the cache, or closes those whose state is
+// in doubt.
 func (c *session) endTransaction() {
 	t := c.tx
 	if t == nil {
 		return
 	}
 	c.tx = nil
+	c.pend = c.pend[:0] // only at the end of the session: settle ran before any other command
 	for _, rc := range t.rcpts {
 		rc.lease.Release()
 	}
+	for _, lg := range t.legs {
+		l := lg.link
+		if l == nil {
+			continue
+		}
+		lg.link = nil
+		switch {
+		case lg.done:
+			l.dirty = false
+		case lg.data || lg.sent || lg.written != lg.answered:
+			// In the middle of a message (closing the connection aborts it
+			// without delivery), or replies still due.
+			l.close(false)
+			continue
+		case lg.written > 0:
+			l.dirty = true // MAIL went out: RSET before the next MAIL
+		}
+		c.park(l)
+	}
 	if t.spool != nil {
+		if b := t.spool.buf; cap(b) <= spoolKeep {
+			c.spoolBuf = b[:0]
+		}
 		if err := t.spool.close(); err != nil {
 			c.log.Error("spool", "error", err)
 		}
@@ -746,8 +995,10 @@ func (c *session) reply(r reply) {
 	c.out = append(c.out, '\r', '\n')
 }
 
-// flush writes the queued replies with a deadline.
+// flush writes the queued replies, after settling those still due, with a
+// deadline.
 func (c *session) flush() error {
+	c.settle()
 	if len(c.out) == 0 {
 		return nil
 	}
@@ -790,4 +1041,30 @@ func (c *session) writeFailed(ctx context.Context) string {
 		return reasonShutdown
 	}
 	return reasonWriteFailed
+}
+
+// readConn is the client connection as the session's reader sees it. With
+// a timeout it sets the read deadline itself before each read from the
+// connection (while the reader's own per-line deadlines are off): during
+// the message, where most lines come out of the reader's buffer, each
+// read still has its deadline, at a fraction of the cost. Like the
+// reader's guard (wire.NewReaderContext), it keeps the deadline in the
+// past once the session's context has ended.
+type readConn struct {
+	net.Conn
+	ctx     context.Context
+	timeout time.Duration // 0: the reader sets the deadlines
+}
+
+func (r *readConn) Read(p []byte) (int, error) {
+	if r.timeout > 0 {
+		d := time.Now().Add(r.timeout)
+		if r.ctx.Err() != nil {
+			d = wire.PastDeadline()
+		}
+		if err := r.Conn.SetReadDeadline(d); err != nil {
+			return 0, fmt.Errorf("set read deadline: %w", err)
+		}
+	}
+	return r.Conn.Read(p)
 }

@@ -35,6 +35,13 @@ type env struct {
 // (when they exist), and a session.
 func setup(t *testing.T, n int, configure func(i int, b *fakeBackend), opt func(o *Options), so sessionOpts) *env {
 	t.Helper()
+	return setupServer(t, n, configure, opt, nil, so)
+}
+
+// setupServer is setup with tune changing the Server before the session
+// starts.
+func setupServer(t *testing.T, n int, configure func(i int, b *fakeBackend), opt func(o *Options), tune func(s *Server), so sessionOpts) *env {
+	t.Helper()
 	bs, port := newBackends(t, n, configure)
 	d := proxytest.NewDirector(bs[0].ip)
 	for i, u := range []string{"alice", "bob", "carol"} {
@@ -48,6 +55,9 @@ func setup(t *testing.T, n int, configure func(i int, b *fakeBackend), opt func(
 		opt(&o)
 	}
 	srv := New(o)
+	if tune != nil {
+		tune(srv)
+	}
 	h := startSession(t, srv, so)
 	return &env{t: t, d: d, bs: bs, srv: srv, h: h, c: h.Client}
 }
@@ -136,11 +146,6 @@ func TestDeliveryToThreeBackends(t *testing.T) {
 		if string(rec.data) != stuff(testMessage...) {
 			t.Errorf("backend %d got message %q, want %q", i, rec.data, stuff(testMessage...))
 		}
-		wantCmds := append(append([]string{"LHLO usher.test", wantMail[i]}, wantRcpts[i]...), "DATA", "QUIT")
-		testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return len(b.records()[0].cmds) == len(wantCmds) })
-		if got := b.records()[0].cmds; !slices.Equal(got, wantCmds) {
-			t.Errorf("backend %d commands %q, want %q", i, got, wantCmds)
-		}
 	}
 	logs := e.h.Logs.String()
 	for _, u := range []string{"alice", "bob", "carol", "dave"} {
@@ -156,6 +161,14 @@ func TestDeliveryToThreeBackends(t *testing.T) {
 	e.c.ExpectClosed()
 	if r := e.h.Wait(); r != "quit" {
 		t.Errorf("reason %q", r)
+	}
+	// The backend connections stay open until the session ends (QUIT).
+	for i, b := range e.bs {
+		wantCmds := append(append([]string{"LHLO usher.test", wantMail[i]}, wantRcpts[i]...), "DATA", "QUIT")
+		testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return len(b.records()[0].cmds) == len(wantCmds) })
+		if got := b.records()[0].cmds; !slices.Equal(got, wantCmds) {
+			t.Errorf("backend %d commands %q, want %q", i, got, wantCmds)
+		}
 	}
 }
 
@@ -228,9 +241,14 @@ func TestSizeLimit(t *testing.T) {
 	if h := e.d.Held(); h != 0 {
 		t.Errorf("%d leases held", h)
 	}
+	// The backends got DATA with the RCPTs; the connections in the middle
+	// of the message were closed, so nothing was delivered.
 	for i, b := range e.bs {
-		if n := len(b.records()); n != 0 {
-			t.Errorf("backend %d got %d connections for a refused message", i, n)
+		testutil.WaitFor(t, testTimeout, "backend "+strconv.Itoa(i)+" connection closed", func() bool { return b.live() == 0 })
+		for _, rec := range b.records() {
+			if len(rec.data) != 0 || !slices.Contains(rec.cmds, "DATA") {
+				t.Errorf("backend %d: commands %q, message %q; want DATA and no message", i, rec.cmds, rec.data)
+			}
 		}
 	}
 	// Exactly at the limit (stuffing does not count, RFC 1870 section 4).
@@ -321,6 +339,33 @@ func TestTooManyBadCommands(t *testing.T) {
 	}
 }
 
+// A backend that does not answer RCPT holds the client for the backend
+// login timeout, not for the (long) data timeout; the recipient gets a
+// temporary failure and the other backends' recipients are unaffected.
+func TestBackendHangsAtRCPT(t *testing.T) {
+	e := setup(t, 2, func(i int, b *fakeBackend) {
+		if i == 1 {
+			b.rcptReply = map[string]string{"bob@example.org": ""}
+		}
+	}, func(o *Options) {
+		o.Backend.LoginTimeout = 300 * time.Millisecond
+		o.DataTimeout = time.Hour
+	}, sessionOpts{})
+	lhlo(e.h)
+	e.transaction("s@example.net", "alice@example.org")
+	start := time.Now()
+	e.c.Send("RCPT TO:<bob@example.org>")
+	if got := e.c.Line(); !strings.HasPrefix(got, "451 ") {
+		t.Fatalf("RCPT to a hung backend: %q, want 451", got)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Errorf("RCPT answered after %v, want about the 300ms login timeout", el)
+	}
+	if got := e.data(1, "hi"); !slices.Equal(got, []string{saved("alice@example.org")}) {
+		t.Fatalf("replies %q, want alice's 250", got)
+	}
+}
+
 func TestBackendRefusesRecipient(t *testing.T) {
 	for _, pipelining := range []bool{true, false} {
 		t.Run("pipelining="+strconv.FormatBool(pipelining), func(t *testing.T) {
@@ -338,11 +383,28 @@ func TestBackendRefusesRecipient(t *testing.T) {
 			e.d.Route("bob@example.org", e.bs[0].ip)
 			e.d.Route("carol@example.org", e.bs[1].ip)
 			lhlo(e.h)
-			e.transaction("s@example.net", "alice@example.org", "bob@example.org", "carol@example.org")
-			got := e.data(3, "hi")
-			want := []string{saved("alice@example.org"), "550 5.1.1 <bob@example.org> User unknown", "450 4.2.1 try later"}
-			if !slices.Equal(got, want) {
+			// The backend's verdict is the reply to RCPT.
+			e.transaction("s@example.net", "alice@example.org")
+			e.c.Send("RCPT TO:<bob@example.org>")
+			e.c.Expect("550 5.1.1 <bob@example.org> User unknown")
+			e.c.Send("RCPT TO:<carol@example.org>")
+			e.c.Expect("450 4.2.1 try later")
+			if h := e.d.Held(); h != 1 {
+				t.Errorf("%d leases held after two refusals, want 1", h)
+			}
+			// One reply after DATA, for the one accepted recipient.
+			got := e.data(1, "hi")
+			if want := []string{saved("alice@example.org")}; !slices.Equal(got, want) {
 				t.Fatalf("replies %q, want %q", got, want)
+			}
+			e.c.Send("NOOP")
+			e.c.Expect("250 2.0.0 OK")
+			logs := e.h.Logs.String()
+			for _, want := range []string{"user=bob@example.org backend=" + e.srv.o.Backend.Addr(e.bs[0].ip) + " result=550 status=5.1.1",
+				"user=carol@example.org backend=" + e.srv.o.Backend.Addr(e.bs[1].ip) + " result=450 status=4.2.1"} {
+				if !strings.Contains(logs, "msg=delivery "+want) {
+					t.Errorf("no log line %q:\n%s", want, logs)
+				}
 			}
 			if d := e.bs[0].records()[0].data; string(d) != "hi\r\n" {
 				t.Errorf("backend 0 got %q", d)
@@ -352,7 +414,7 @@ func TestBackendRefusesRecipient(t *testing.T) {
 			if len(rec.data) != 0 {
 				t.Errorf("backend 1 got a message: %q", rec.data)
 			}
-			if !pipelining && slices.Contains(rec.cmds, "DATA") {
+			if slices.Contains(rec.cmds, "DATA") {
 				t.Errorf("DATA sent without accepted recipients: %q", rec.cmds)
 			}
 			if h := e.d.Held(); h != 0 {
@@ -366,13 +428,19 @@ func TestBackendDown(t *testing.T) {
 	e := setup(t, 1, nil, nil, sessionOpts{})
 	e.d.Route("carol@example.org", netip.MustParseAddr("127.0.0.9")) // nothing listens there
 	lhlo(e.h)
-	e.transaction("s@example.net", "carol@example.org", "alice@example.org")
-	got := e.data(2, "hi")
-	if !strings.HasPrefix(got[0], "451 4.4.0 Backend delivery failed (connect") {
-		t.Errorf("reply for the down backend: %q", got[0])
+	e.c.Send("MAIL FROM:<s@example.net>")
+	e.c.Expect("250 2.1.0 Sender OK")
+	e.c.Send("RCPT TO:<carol@example.org>")
+	if got := e.c.Line(); !strings.HasPrefix(got, "451 4.4.0 Backend delivery failed (connect") {
+		t.Errorf("RCPT reply for the down backend: %q", got)
 	}
-	if got[1] != saved("alice@example.org") {
-		t.Errorf("reply for the working backend: %q", got[1])
+	e.c.Send("RCPT TO:<alice@example.org>")
+	e.c.Expect("250 2.1.5 Recipient OK")
+	if got := e.data(1, "hi"); got[0] != saved("alice@example.org") {
+		t.Errorf("reply for the working backend: %q", got[0])
+	}
+	if h := e.d.Held(); h != 0 {
+		t.Errorf("%d leases held", h)
 	}
 	if !strings.Contains(e.h.Logs.String(), "level=WARN msg=delivery user=carol@example.org backend=127.0.0.9:") {
 		t.Errorf("no warning for the failed delivery:\n%s", e.h.Logs.String())
@@ -387,43 +455,88 @@ func TestBackendFailsDuringData(t *testing.T) {
 	}{
 		{"closes mid-DATA", func(b *fakeBackend) { b.closeMidData = true }, "451 4.4.0 "},
 		{"times out", func(b *fakeBackend) { b.stall = true }, "451 4.4.0 Backend delivery failed (DATA reply: timed out)"},
-		{"refuses MAIL", func(b *fakeBackend) { b.mailReply = "550 5.7.1 sender refused" }, "451 4.4.0 Backend delivery failed (MAIL)"},
 		{"no replies after DATA", func(b *fakeBackend) {
 			b.onData = nil
 			b.dataReply = map[string]string{"bob@example.org": "garbage"}
 		}, "451 4.4.0 Backend delivery failed (DATA reply)"},
 	}
 	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			e := setup(t, 2, func(i int, b *fakeBackend) {
-				if i == 1 {
-					tc.config(b)
-				}
-			}, func(o *Options) { o.DataTimeout = 300 * time.Millisecond }, sessionOpts{})
-			lhlo(e.h)
-			e.transaction("s@example.net", "alice@example.org", "bob@example.org")
-			start := time.Now()
-			// Large enough not to fit in socket buffers at once.
-			lines := make([]string, 2000)
-			for i := range lines {
-				lines[i] = strings.Repeat("y", 100)
-			}
-			got := e.data(2, lines...)
-			if got[0] != saved("alice@example.org") {
-				t.Errorf("working backend: %q", got[0])
-			}
-			if !strings.HasPrefix(got[1], tc.want) {
-				t.Errorf("failing backend: %q, want prefix %q", got[1], tc.want)
-			}
-			if d := time.Since(start); d > 3*time.Second {
-				t.Errorf("delivery took %v", d)
-			}
-			if h := e.d.Held(); h != 0 {
-				t.Errorf("%d leases held", h)
-			}
-			e.c.Send("NOOP")
-			e.c.Expect("250 2.0.0 OK")
-		})
+		for _, chunking := range []bool{false, true} {
+			t.Run(tc.name+" chunking="+strconv.FormatBool(chunking), func(t *testing.T) {
+				testBackendFailsDuringData(t, chunking, tc.config, tc.want)
+			})
+		}
+	}
+}
+
+// testBackendFailsDuringData has backend 1 fail after the message began,
+// as config says: only its recipient gets want, no retry.
+func testBackendFailsDuringData(t *testing.T, chunking bool, config func(b *fakeBackend), want string) {
+	e := setup(t, 2, func(i int, b *fakeBackend) {
+		if chunking {
+			b.ext = append(b.ext, "CHUNKING")
+		}
+		if i == 1 {
+			config(b)
+		}
+	}, func(o *Options) { o.DataTimeout = 300 * time.Millisecond }, sessionOpts{})
+	lhlo(e.h)
+	e.transaction("s@example.net", "alice@example.org", "bob@example.org")
+	start := time.Now()
+	// Large enough not to fit in socket buffers at once.
+	lines := make([]string, 2000)
+	for i := range lines {
+		lines[i] = strings.Repeat("y", 100)
+	}
+	got := e.data(2, lines...)
+	if got[0] != saved("alice@example.org") {
+		t.Errorf("working backend: %q", got[0])
+	}
+	if !strings.HasPrefix(got[1], want) {
+		t.Errorf("failing backend: %q, want prefix %q", got[1], want)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("delivery took %v", d)
+	}
+	if h := e.d.Held(); h != 0 {
+		t.Errorf("%d leases held", h)
+	}
+	e.c.Send("NOOP")
+	e.c.Expect("250 2.0.0 OK")
+	// The working backend's connection is reused.
+	e.transaction("s@example.net", "alice@example.org")
+	if got := e.data(1, "again"); got[0] != saved("alice@example.org") {
+		t.Errorf("next transaction: %q", got)
+	}
+	if n := len(e.bs[0].records()); n != 1 {
+		t.Errorf("working backend: %d connections, want 1", n)
+	}
+	// The failing backend's connection is not retried once the
+	// message began.
+	if n := len(e.bs[1].records()); n != 1 {
+		t.Errorf("failing backend: %d connections, want 1", n)
+	}
+}
+
+func TestBackendRefusesMAIL(t *testing.T) {
+	e := setup(t, 2, func(i int, b *fakeBackend) {
+		if i == 1 {
+			b.mailReply = "550 5.7.1 sender refused"
+		}
+	}, nil, sessionOpts{})
+	lhlo(e.h)
+	e.transaction("s@example.net", "alice@example.org")
+	// The refused MAIL fails bob's RCPT, temporarily: the MTA retries him.
+	e.c.Send("RCPT TO:<bob@example.org>")
+	e.c.Expect("451 4.4.0 Backend delivery failed (MAIL), try again later")
+	if got := e.data(1, "hi"); got[0] != saved("alice@example.org") {
+		t.Errorf("reply %q", got)
+	}
+	if h := e.d.Held(); h != 0 {
+		t.Errorf("%d leases held", h)
+	}
+	if !strings.Contains(e.h.Logs.String(), "level=WARN msg=delivery user=bob@example.org") {
+		t.Errorf("no warning for bob:\n%s", e.h.Logs.String())
 	}
 }
 
@@ -521,7 +634,11 @@ func TestDotStuffingAndLineEnds(t *testing.T) {
 	e.c.ExpectPrefix("354 ")
 	e.c.Write("a\nb\r\n..c\n.\r\n")
 	e.c.Expect(saved("alice@example.org"))
-	if got, want := string(e.bs[0].records()[1].data), "a\r\nb\r\n..c\r\n"; got != want {
+	recs := e.bs[0].records()
+	if len(recs) != 1 {
+		t.Fatalf("%d backend connections for two transactions, want 1", len(recs))
+	}
+	if got, want := string(recs[0].data), "a\r\nb\r\n..c\r\n"; got != want {
 		t.Errorf("backend got %q, want %q", got, want)
 	}
 }
@@ -599,8 +716,9 @@ func TestLargeMessageSpool(t *testing.T) {
 		if fi.Mode().Perm() != 0o600 {
 			t.Errorf("spool file mode %v", fi.Mode())
 		}
-		if fi.Size() != int64(len(want)) {
-			t.Errorf("spool file size %d, want %d", fi.Size(), len(want))
+		// The spool holds the message without dot-stuffing.
+		if n := len(plain(lines...)); fi.Size() != int64(n) {
+			t.Errorf("spool file size %d, want %d", fi.Size(), n)
 		}
 	}
 	if entries, _ := os.ReadDir(dir); len(entries) != 0 {
@@ -626,11 +744,20 @@ func TestXCLIENT(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			e := setup(t, 1, func(i int, b *fakeBackend) { b.xclient = tc.xclient }, nil, sessionOpts{})
 			lhlo(e.h)
-			e.transaction("s@example.net", "alice@example.org")
-			if got := e.data(1, "hi"); got[0] != saved("alice@example.org") {
-				t.Fatalf("reply %q", got)
+			// Two transactions on one connection: XCLIENT once.
+			for range 2 {
+				e.transaction("s@example.net", "alice@example.org")
+				if got := e.data(1, "hi"); got[0] != saved("alice@example.org") {
+					t.Fatalf("reply %q", got)
+				}
 			}
+			e.c.Send("QUIT")
+			e.c.Expect("221 2.0.0 usher.test closing connection")
+			e.h.Wait()
 			testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return slices.Contains(e.bs[0].records()[0].cmds, "QUIT") })
+			if n := len(e.bs[0].records()); n != 1 {
+				t.Errorf("%d backend connections, want 1", n)
+			}
 			cmds := e.bs[0].records()[0].cmds
 			var want []string
 			if tc.want != nil {
@@ -639,7 +766,10 @@ func TestXCLIENT(t *testing.T) {
 			} else {
 				want = []string{"LHLO usher.test"}
 			}
-			want = append(want, "MAIL FROM:<s@example.net>", "RCPT TO:<alice@example.org>", "DATA", "QUIT")
+			for range 2 {
+				want = append(want, "MAIL FROM:<s@example.net>", "RCPT TO:<alice@example.org>", "DATA")
+			}
+			want = append(want, "QUIT")
 			if !slices.Equal(cmds, want) {
 				t.Errorf("backend commands\n%q, want\n%q", cmds, want)
 			}
@@ -660,15 +790,17 @@ func TestBackendSTARTTLS(t *testing.T) {
 		o.Backend.TLSConfig = &tls.Config{RootCAs: pool}
 	}, sessionOpts{})
 	lhlo(e.h)
-	e.transaction("s@example.net", "alice@example.org", "bob@example.org")
-	got := e.data(2, "secret")
-	if got[0] != saved("alice@example.org") {
+	e.transaction("s@example.net", "alice@example.org")
+	// Backend 1 does not offer STARTTLS: never deliver in plaintext.
+	e.c.Send("RCPT TO:<bob@example.org>")
+	if got := e.c.Line(); !strings.HasPrefix(got, "451 4.4.0 Backend delivery failed (STARTTLS)") {
+		t.Errorf("backend without STARTTLS: %q", got)
+	}
+	if got := e.data(1, "secret"); got[0] != saved("alice@example.org") {
 		t.Errorf("TLS backend: %q", got[0])
 	}
-	// Backend 1 does not offer STARTTLS: never deliver in plaintext.
-	if !strings.HasPrefix(got[1], "451 4.4.0 Backend delivery failed (STARTTLS)") {
-		t.Errorf("backend without STARTTLS: %q", got[1])
-	}
+	e.c.Send("QUIT")
+	e.c.ExpectPrefix("221 ")
 	testutil.WaitFor(t, testTimeout, "QUIT", func() bool { return slices.Contains(e.bs[0].records()[0].cmds, "+TLS QUIT") })
 	cmds := e.bs[0].records()[0].cmds
 	if len(cmds) < 4 || cmds[0] != "LHLO usher.test" || cmds[1] != "STARTTLS" || cmds[2] != "+TLS LHLO usher.test" ||
@@ -897,10 +1029,40 @@ func TestTimeouts(t *testing.T) {
 		if e.d.Held() != 0 {
 			t.Error("lease held after the timeout")
 		}
-		if n := len(e.bs[0].records()); n != 0 {
-			t.Error("incomplete message delivered")
+		for _, rec := range e.bs[0].records() {
+			if len(rec.data) != 0 {
+				t.Errorf("incomplete message delivered: %q", rec.data)
+			}
 		}
+		testutil.WaitFor(t, testTimeout, "backend connection closed", func() bool { return e.bs[0].live() == 0 })
 	})
+}
+
+// A shutdown ends a session waiting in the middle of a message at once,
+// although the per-read deadline is the data timeout.
+func TestShutdownDuringData(t *testing.T) {
+	e := setup(t, 1, func(i int, b *fakeBackend) { b.ext = append(b.ext, "CHUNKING") }, nil, sessionOpts{})
+	lhlo(e.h)
+	e.transaction("s@example.net", "alice@example.org")
+	e.c.Send("DATA")
+	e.c.ExpectPrefix("354 ")
+	e.c.Write("first line\r\npartial")
+	time.Sleep(50 * time.Millisecond) // the session waits for the rest
+	start := time.Now()
+	e.h.Cancel()
+	e.c.Expect("421 4.3.2 usher.test Server shutting down")
+	if r := e.h.Wait(); r != "shutdown" {
+		t.Errorf("reason %q", r)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("shutdown took %v", d)
+	}
+	if n := len(e.bs[0].delivered()); n != 0 {
+		t.Errorf("%d messages delivered", n)
+	}
+	if e.d.Held() != 0 {
+		t.Error("lease held after the shutdown")
+	}
 }
 
 func TestDefaults(t *testing.T) {

@@ -251,15 +251,16 @@ func TestReadReply(t *testing.T) {
 	}
 }
 
-// TestStuffer checks that BDAT data gets the same wire form however it is
-// split into chunks.
-func TestStuffer(t *testing.T) {
+// TestNormalizer checks that BDAT data gets the same line ends however it
+// is split into chunks, and that the dotStuffer gives it DATA's wire form
+// however the spool hands it out.
+func TestNormalizer(t *testing.T) {
 	in := ".a\r\nb\n.\r\n..c\rd\n\nend"
-	want := "..a\r\nb\r\n..\r\n...c\rd\r\n\r\nend\r\n"
+	want := ".a\r\nb\r\n.\r\n..c\rd\r\n\r\nend\r\n"
 	for split := 0; split <= len(in); split++ {
 		for split2 := split; split2 <= len(in); split2++ {
 			sp := newSpool("", 1<<20)
-			st := &stuffer{sp: sp}
+			st := &normalizer{sp: sp}
 			for _, part := range []string{in[:split], in[split:split2], in[split2:]} {
 				if err := st.write([]byte(part)); err != nil {
 					t.Fatal(err)
@@ -274,11 +275,25 @@ func TestStuffer(t *testing.T) {
 		}
 	}
 	sp := newSpool("", 1<<20)
-	st := &stuffer{sp: sp}
+	st := &normalizer{sp: sp}
 	_ = st.write([]byte("x\r\n"))
 	_ = st.end()
 	if string(sp.buf) != "x\r\n" {
 		t.Errorf("complete last line changed: %q", sp.buf)
+	}
+
+	stuffed := "..a\r\nb\r\n..\r\n...c\rd\r\n\r\nend\r\n"
+	for split := 0; split <= len(want); split++ {
+		var out bytes.Buffer
+		d := &dotStuffer{w: &out}
+		for _, part := range []string{want[:split], want[split:]} {
+			if n, err := d.Write([]byte(part)); err != nil || n != len(part) {
+				t.Fatalf("Write = %d, %v", n, err)
+			}
+		}
+		if out.String() != stuffed {
+			t.Fatalf("split at %d: stuffed %q, want %q", split, out.String(), stuffed)
+		}
 	}
 }
 

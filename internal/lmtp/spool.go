@@ -18,13 +18,17 @@ const (
 	fileBuffer = 64 << 10
 	// spoolPattern names spool files (os.CreateTemp: mode 0600).
 	spoolPattern = "usher-lmtp-*.msg"
+	// spoolKeep is the largest spool memory a session keeps for its next
+	// message.
+	spoolKeep = 64 << 10
 )
 
-// spool holds one message in its wire form: dot-stuffed lines, each ended
-// by CRLF, without the terminating "." line, so that it can be sent after
-// DATA to every backend as it is. It lives in memory up to memMax bytes and
-// then in a temporary file in dir, which close removes. The message is
-// stored once; every backend reads it through its own reader.
+// spool holds one message as delivered: without dot-stuffing (RFC 5321
+// section 4.5.2 undone), every line ended by CRLF, the last one too. So it
+// goes to a backend after "BDAT <size> LAST" (RFC 3030) as it is, and after
+// DATA through a dotStuffer. It lives in memory up to memMax bytes and then
+// in a temporary file in dir, which close removes. The message is stored
+// once; every backend reads it through its own reader.
 type spool struct {
 	dir    string
 	memMax int
@@ -66,6 +70,11 @@ func (s *spool) write(p []byte) error {
 
 // writeLine appends one line and its CRLF.
 func (s *spool) writeLine(line []byte) error {
+	if s.err == nil && s.f == nil && len(s.buf)+len(line)+2 <= s.memMax {
+		s.buf = append(append(s.buf, line...), '\r', '\n')
+		s.size += int64(len(line)) + 2
+		return nil
+	}
 	if err := s.write(line); err != nil {
 		return err
 	}
@@ -129,30 +138,21 @@ func (s *spool) close() error {
 	return nil
 }
 
-// stuffer converts raw message octets (BDAT chunks, RFC 3030) into the
-// spool's wire form: a '.' at the start of a line is doubled (RFC 5321
-// section 4.5.2) and a bare LF becomes CRLF, so the message can be sent
-// after DATA to a backend.
-type stuffer struct {
+// normalizer turns raw message octets (BDAT chunks, RFC 3030) into the
+// spool's form: a bare LF becomes CRLF (RFC 5321 section 2.3.8), and end
+// completes the last line, so that the message can also be sent after DATA,
+// where it must end with CRLF before the final ".".
+type normalizer struct {
 	sp     *spool
 	midway bool // inside a line (not at its start)
 	cr     bool // the last octet written was CR
 }
 
-func (st *stuffer) write(p []byte) error {
+func (st *normalizer) write(p []byte) error {
 	start := 0
 	for i := 0; i < len(p); i++ {
 		c := p[i]
 		switch {
-		case c == '.' && !st.midway:
-			if err := st.sp.write(p[start:i]); err != nil {
-				return err
-			}
-			if err := st.sp.write([]byte{'.'}); err != nil {
-				return err
-			}
-			start = i // the '.' itself goes out with the next run
-			st.midway = true
 		case c == '\n':
 			if !st.cr {
 				if err := st.sp.write(p[start:i]); err != nil {
@@ -174,10 +174,43 @@ func (st *stuffer) write(p []byte) error {
 
 // end completes the last line, so that the terminating "." of DATA
 // starts a line of its own.
-func (st *stuffer) end() error {
+func (st *normalizer) end() error {
 	if !st.midway {
 		return nil
 	}
 	st.midway, st.cr = false, false
 	return st.sp.write(crlf)
 }
+
+// dotStuffer writes a message in DATA's wire form (RFC 5321 section
+// 4.5.2): a '.' that starts a line is doubled. The message must consist
+// of complete lines, as in the spool.
+type dotStuffer struct {
+	w   io.Writer
+	mid bool // inside a line
+}
+
+func (d *dotStuffer) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		if !d.mid && p[0] == '.' {
+			if _, err := d.w.Write(dot); err != nil {
+				return n, err
+			}
+		}
+		end := len(p)
+		if i := bytes.IndexByte(p, '\n'); i >= 0 {
+			end = i + 1
+		}
+		k, err := d.w.Write(p[:end])
+		n += k
+		if err != nil {
+			return n, err
+		}
+		d.mid = p[end-1] != '\n'
+		p = p[end:]
+	}
+	return n, nil
+}
+
+var dot = []byte{'.'}
