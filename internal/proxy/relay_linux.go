@@ -62,11 +62,6 @@ type RelayOptions struct {
 // (what a pipe holds by default).
 const slowChunk = 64 << 10
 
-// relay stop reasons, as the session's end log line gives them.
-const (
-	relayShutdown = "shutdown"
-	relayKicked   = "kicked"
-)
 
 // NewRelay starts the event loops. Close stops them.
 func NewRelay(o RelayOptions) (*Relay, error) {
@@ -101,8 +96,8 @@ func (r *Relay) Close() error {
 	return nil
 }
 
-// Pairs returns the number of sessions being relayed.
-func (r *Relay) Pairs() int {
+// pairs returns the number of sessions being relayed (tests).
+func (r *Relay) pairs() int {
 	n := 0
 	for _, l := range r.loops {
 		l.mu.Lock()

@@ -152,7 +152,7 @@ func TestRelayManySessions(t *testing.T) {
 	for e := range errs {
 		t.Error(e)
 	}
-	testutil.WaitFor(t, ioTimeout, "Relay.Pairs() == 0", func() bool { return rl.Pairs() == 0 })
+	testutil.WaitFor(t, ioTimeout, "Relay.pairs() == 0", func() bool { return rl.pairs() == 0 })
 }
 
 // Closing the relay ends what it still carries, with reason shutdown.
@@ -164,8 +164,8 @@ func TestRelayClose(t *testing.T) {
 	r := newRig(t, rl)
 	r.start(context.Background(), nil, nil, nil)
 	roundTrip(t, r)
-	if rl.Pairs() != 1 {
-		t.Fatalf("Pairs() = %d, want 1", rl.Pairs())
+	if rl.pairs() != 1 {
+		t.Fatalf("pairs() = %d, want 1", rl.pairs())
 	}
 	rl.Close()
 	if why := r.wait(t); why != relayShutdown {
@@ -231,8 +231,8 @@ func TestServerRelayedSession(t *testing.T) {
 	if n := ts.srv.Sessions(); n != 1 {
 		t.Errorf("Sessions() = %d while relayed, want 1", n)
 	}
-	if rl.Pairs() != 1 {
-		t.Errorf("Relay.Pairs() = %d, want 1", rl.Pairs())
+	if rl.pairs() != 1 {
+		t.Errorf("Relay.pairs() = %d, want 1", rl.pairs())
 	}
 	select {
 	case <-released:

@@ -25,9 +25,6 @@ func NewRelay(RelayOptions) (*Relay, error) { return nil, nil }
 // Close does nothing.
 func (*Relay) Close() error { return nil }
 
-// Pairs returns 0.
-func (*Relay) Pairs() int { return 0 }
-
 func relayable(net.Conn) bool { return false }
 
 func (*Relay) take(net.Conn, net.Conn, func(string, int64, int64)) (func(string), error) {

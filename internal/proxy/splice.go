@@ -147,6 +147,12 @@ func relay(ctx context.Context, s *Session, client, backend net.Conn, lease *Lea
 	return true
 }
 
+// relay stop reasons, as the session's end log line gives them.
+const (
+	relayShutdown = "shutdown"
+	relayKicked   = "kicked"
+)
+
 // backendGoneGrace is how long a client may keep sending after the backend
 // closed its side.
 const backendGoneGrace = 10 * time.Second
