@@ -740,3 +740,55 @@ func TestE2EPOP3(t *testing.T) {
 		t.Errorf("backend login line does not carry the client address 127.0.0.77 (XCLIENT not forwarded?): %q", l)
 	}
 }
+
+// TestE2ELoginTimeout: a client that keeps a pre-login session busy (a NOOP
+// every 300 ms, well inside pre_login_idle) is still disconnected when
+// timeouts.login runs out, with an IMAP BYE saying why; a logged-in session
+// outlives it.
+func TestE2ELoginTimeout(t *testing.T) {
+	e := setup(t, 1, 1, func(_ *Backends, c *UsherConfig) {
+		c.Tables = "[timeouts]\nlogin = \"1500ms\"\n"
+	})
+	held, err := DialIMAP(e.u.IMAPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if err := held.Login("user1@example.com", e.b.Password()); err != nil {
+		t.Fatal(err)
+	}
+
+	c, err := DialIMAP(e.u.IMAPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	var last *IMAPResponse
+	for time.Since(start) < 10*time.Second {
+		r, err := c.Cmd("NOOP")
+		if err != nil {
+			last = r
+			break
+		}
+		if r.Status != "OK" {
+			t.Fatalf("NOOP before login: %s %s", r.Status, r.Text)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	if el := time.Since(start); el < 1200*time.Millisecond || el > 5*time.Second {
+		t.Errorf("busy pre-login session ended after %v, want about the 1.5s login timeout", el)
+	}
+	if last == nil || len(last.Untagged) != 1 || last.Untagged[0] != "* BYE Login timed out" {
+		t.Errorf("pre-login session ended with %+v, want one \"* BYE Login timed out\" before the close", last)
+	}
+	if _, err := e.u.WaitLog(0, 5*time.Second, `msg="session end"`, `reason="login timeout"`); err != nil {
+		t.Error(err)
+	}
+	if _, err := e.u.WaitLog(0, time.Second, `msg="login timeout"`, "limit=1.5s"); err != nil {
+		t.Error(err)
+	}
+	if r, err := held.Cmd("NOOP"); err != nil || r.Status != "OK" {
+		t.Fatalf("logged-in session after the login timeout: %+v %v", r, err)
+	}
+}

@@ -231,6 +231,10 @@ func (a *app) buildServers(cfg *config.Config) ([]*proxy.Server, error) {
 			}
 			lns = append(lns, spec)
 		}
+		loginTimeout := cfg.Timeouts.Login.Duration
+		if sv.name == "lmtp" {
+			loginTimeout = 0 // no login: an MTA session lasts as long as it delivers
+		}
 		lim := a.limiters[sv.name]
 		if lim == nil {
 			lim = proxy.NewLimiter(sv.svc.MaxSessions, sv.svc.MaxSessionsPerIP)
@@ -240,6 +244,7 @@ func (a *app) buildServers(cfg *config.Config) ([]*proxy.Server, error) {
 			Proto: sv.name, Handler: sv.handler(bo), Listeners: lns, Limiter: lim,
 			Trusted: cfg.TrustedPrefixes(), Allow: sv.svc.AllowPrefixes(), ProxyTrusted: sv.svc.ProxyTrustedPrefixes(),
 			Refusal: sv.refusal, Observer: a.m, Logger: a.log, Relay: a.relay,
+			LoginTimeout: loginTimeout,
 		})
 		if err := srv.Listen(); err != nil {
 			stopAll(servers)

@@ -46,6 +46,7 @@ const (
 	DefaultMaxLiteral       = 8192
 	DefaultAdminSocket      = "usher-admin.sock"
 	DefaultPreLoginIdle     = 60 * time.Second
+	DefaultLogin            = 3 * time.Minute
 	DefaultBackendConnect   = 5 * time.Second
 	DefaultBackendLogin     = 30 * time.Second
 	DefaultMaxSessions      = 10000
@@ -238,6 +239,7 @@ func (c *Config) ApplyDefaults() {
 			c.MaxLiteral = DefaultMaxLiteral
 		}
 		setDuration(&c.Timeouts.PreLoginIdle, DefaultPreLoginIdle)
+		setDuration(&c.Timeouts.Login, DefaultLogin)
 		setDuration(&c.Timeouts.BackendConnect, DefaultBackendConnect)
 		setDuration(&c.Timeouts.BackendLogin, DefaultBackendLogin)
 		setDuration(&c.Timeouts.MoveWait, DefaultMoveWait)

@@ -95,7 +95,11 @@ type Admin struct {
 
 // Timeouts bound every wait of a session.
 type Timeouts struct {
-	PreLoginIdle   Duration `toml:"pre_login_idle"`  // default 60s: idle time allowed before login
+	PreLoginIdle Duration `toml:"pre_login_idle"` // default 60s: idle time allowed before login
+	// Login bounds the whole time from connect to a successful login
+	// (IMAP, POP3, ManageSieve), however busy the client keeps the session.
+	// Default 3m, Dovecot's own limit for its login processes.
+	Login          Duration `toml:"login"`
 	BackendConnect Duration `toml:"backend_connect"` // default 5s
 	BackendLogin   Duration `toml:"backend_login"`   // default 30s: greeting..tagged login answer
 	// MoveWait bounds how long a login waits while its user is being moved

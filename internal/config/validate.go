@@ -108,6 +108,7 @@ func (c *Config) validate(checkFiles bool) error {
 		d   Duration
 	}{
 		{"timeouts.pre_login_idle", c.Timeouts.PreLoginIdle},
+		{"timeouts.login", c.Timeouts.Login},
 		{"timeouts.backend_connect", c.Timeouts.BackendConnect},
 		{"timeouts.backend_login", c.Timeouts.BackendLogin},
 		{"timeouts.move_wait", c.Timeouts.MoveWait},

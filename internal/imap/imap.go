@@ -132,7 +132,7 @@ func (c *client) run(ctx context.Context) string {
 		var err error
 		tag := ""
 		if ctx.Err() != nil {
-			err = errShutdown
+			err = shutdownErr(ctx)
 		} else {
 			var raw *wire.Frame
 			raw, err = readCommand(c.r, c.srv.o.MaxLiteral, c.continueLiteral)
@@ -161,7 +161,7 @@ func (c *client) run(ctx context.Context) string {
 // readErr classifies a client read error.
 func (c *client) readErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
-		return errShutdown
+		return shutdownErr(ctx)
 	}
 	return err
 }
@@ -456,7 +456,7 @@ func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) er
 	if err != nil {
 		c.sess.Backend = ""
 		if ctx.Err() != nil {
-			return errShutdown
+			return shutdownErr(ctx)
 		}
 		if errors.Is(err, errClientWrite) {
 			return err

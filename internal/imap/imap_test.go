@@ -799,6 +799,20 @@ func TestShutdown(t *testing.T) {
 	}
 }
 
+// The Server cancels a session that did not log in in time with cause
+// proxy.ErrLoginTimeout: the client is told why.
+func TestLoginTimeout(t *testing.T) {
+	srv, _ := newTestServer(nil, nil)
+	s := startSession(t, srv, nil)
+	c := s.Client
+	c.Line()
+	s.CancelCause(proxy.ErrLoginTimeout)
+	c.ExpectPrefix("* BYE Login timed out")
+	if r := s.Wait(); r != "login timeout" {
+		t.Errorf("reason %q", r)
+	}
+}
+
 func TestKickAfterLogin(t *testing.T) {
 	be := newFakeBackend(t, nil)
 	srv, d := newTestServer(be, nil)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -30,6 +31,7 @@ var (
 	errTooManyFails   = errors.New("too many failed logins")
 	errIdle           = errors.New("idle timeout")
 	errShutdown       = errors.New("server shutting down")
+	errLoginTimeout   = errors.New("login timed out")
 	errClientGone     = errors.New("client closed")
 	errClientWrite    = errors.New("client write failed")
 )
@@ -105,6 +107,8 @@ func replyFor(err error) reply {
 		return reply{status: "BYE", text: "Too many invalid commands", close: true, reason: "too many invalid commands"}
 	case errors.Is(err, errTooManyFails):
 		return reply{status: "BYE", text: "Too many failed logins", close: true, reason: "too many failed logins"}
+	case errors.Is(err, errLoginTimeout):
+		return reply{status: "BYE", text: "Login timed out", close: true, reason: "login timeout"}
 	case errors.Is(err, errShutdown), errors.Is(err, context.Canceled):
 		return reply{status: "BYE", code: "UNAVAILABLE", text: "Server shutting down", close: true, reason: "shutdown"}
 	case errors.Is(err, errIdle), errors.Is(err, os.ErrDeadlineExceeded):
@@ -135,4 +139,13 @@ func (r reply) format(tag string) string {
 		s += "[" + r.code + "] "
 	}
 	return s + r.text
+}
+
+// shutdownErr is the error for a session whose context ended: the server
+// shuts down, or the client did not log in in time.
+func shutdownErr(ctx context.Context) error {
+	if proxy.LoginTimedOut(ctx) {
+		return errLoginTimeout
+	}
+	return errShutdown
 }

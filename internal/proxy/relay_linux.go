@@ -62,7 +62,6 @@ type RelayOptions struct {
 // (what a pipe holds by default).
 const slowChunk = 64 << 10
 
-
 // NewRelay starts the event loops. Close stops them.
 func NewRelay(o RelayOptions) (*Relay, error) {
 	if o.Loops <= 0 {

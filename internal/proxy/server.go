@@ -73,7 +73,19 @@ type ServerOptions struct {
 	// Relay, when set, carries logged-in sessions without goroutines (see
 	// Splice); servers replacing each other on a reload share one.
 	Relay *Relay
+	// LoginTimeout bounds the whole time from connect to a successful
+	// login (0: no bound; for protocols without a login, such as LMTP).
+	// Each command also has its idle timeout, but a client sending a
+	// command now and then could otherwise hold a pre-login session, and
+	// a slot of max_sessions_per_ip, for ever. When it expires the
+	// session's context is cancelled with cause ErrLoginTimeout: the
+	// handler says goodbye and returns.
+	LoginTimeout time.Duration
 }
+
+// ErrLoginTimeout is the cause of a session context cancelled because the
+// client did not log in within ServerOptions.LoginTimeout.
+var ErrLoginTimeout = errors.New("login timeout")
 
 // Limiter counts open sessions of one service, in total and per client IP.
 type Limiter struct {
@@ -471,15 +483,30 @@ func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 		Trusted: isUnix && !spec.ProxyProtocol || contains(s.o.Trusted, remote.Addr()),
 	}
 	// Closing the raw connection also ends any TLS layer the handler put on it.
-	ctx, cancel := context.WithCancel(ctx)
+	ctx, cancelCause := context.WithCancelCause(ctx)
+	cancel := func() { cancelCause(nil) }
+	stopLoginTimer := func() bool { return false }
+	if d := s.o.LoginTimeout; d > 0 {
+		t := time.AfterFunc(d, func() {
+			if sess.phase.CompareAndSwap(phasePreLogin, phaseLoginTimedOut) {
+				log.Info("login timeout", "limit", d.String())
+				cancelCause(ErrLoginTimeout)
+			}
+		})
+		stopLoginTimer = t.Stop
+	}
 	// Handlers watch ctx and say goodbye (IMAP "* BYE", POP3 "-ERR"); the
 	// connection is closed shortly after in case one does not.
 	stop := context.AfterFunc(ctx, func() { time.AfterFunc(closeGrace, func() { c.Close() }) })
 	// finish ends the session: here when the Handler returns, or from the
 	// Relay when the Handler handed the spliced session over (sess.detached).
 	sess.finish = func(reason string) {
+		stopLoginTimer()
 		stop()
 		cancel()
+		if sess.phase.Load() == phaseLoginTimedOut {
+			reason = "login timeout"
+		}
 		sess.Conn.Close()
 		c.Close()
 		backend := ""

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -547,5 +548,81 @@ func TestStartTLSConnClosedOnShutdown(t *testing.T) {
 		}
 	default:
 		t.Error("Serve returned while the handler was still blocked")
+	}
+}
+
+// A session that has not logged in within LoginTimeout has its context
+// cancelled with cause ErrLoginTimeout, however busy the client is, and ends
+// with reason "login timeout"; a logged-in session is left alone.
+func TestLoginTimeout(t *testing.T) {
+	causes := make(chan bool, 2)
+	ts := startServer(t, ServerOptions{LoginTimeout: 200 * time.Millisecond,
+		Handler: handlerFunc(func(ctx context.Context, s *Session) string {
+			r := bufio.NewReader(s.Conn)
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return "read failed"
+			}
+			if line == "login\n" {
+				s.LoginDone(LoginOK, netip.MustParseAddr("127.0.0.1"), 0)
+				select {
+				case <-ctx.Done():
+					causes <- LoginTimedOut(ctx)
+					return "cancelled"
+				case <-time.After(400 * time.Millisecond):
+					causes <- false
+					return "done"
+				}
+			}
+			// Busy but not logging in: a line every 50ms.
+			for {
+				select {
+				case <-ctx.Done():
+					causes <- LoginTimedOut(ctx)
+					return "shutdown"
+				default:
+				}
+				_ = s.Conn.SetReadDeadline(time.Now().Add(time.Second))
+				if _, err := r.ReadString('\n'); err != nil && ctx.Err() == nil {
+					return "read failed"
+				}
+			}
+		})})
+
+	busy := dialFrom(t, "", ts.addr)
+	stopBusy := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stopBusy:
+				return
+			case <-time.After(50 * time.Millisecond):
+				if _, err := busy.Write([]byte("noop\n")); err != nil {
+					return
+				}
+			}
+		}
+	}()
+	defer close(stopBusy)
+	if timedOut := <-causes; !timedOut {
+		t.Error("busy pre-login session: context cause is not ErrLoginTimeout")
+	}
+	loggedIn := dialFrom(t, "", ts.addr)
+	if _, err := loggedIn.Write([]byte("login\n")); err != nil {
+		t.Fatal(err)
+	}
+	if timedOut := <-causes; timedOut {
+		t.Error("a logged-in session was cancelled by the login timeout")
+	}
+	testutil.WaitFor(t, ioTimeout, "Sessions() == 0", func() bool { return ts.srv.Sessions() == 0 })
+	reasons := map[any]int{}
+	for _, r := range withMsg(ts.logs.records(t), "session end") {
+		reasons[r["reason"]]++
+	}
+	if reasons["login timeout"] != 1 || reasons["done"] != 1 {
+		t.Errorf("session end reasons %v, want one login timeout and one done", reasons)
+	}
+	if n := len(withMsg(ts.logs.records(t), "login timeout")); n != 1 {
+		t.Errorf("%d login timeout log lines, want 1", n)
 	}
 }

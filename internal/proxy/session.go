@@ -42,6 +42,8 @@ type Session struct {
 	Obs Observer
 	// loggedIn is the backend the session logged in to (for metrics).
 	loggedIn netip.Addr
+	// phase is phasePreLogin until a successful login or the login timeout.
+	phase atomic.Int32
 
 	BytesIn  atomic.Int64 // client -> backend, after login
 	BytesOut atomic.Int64 // backend -> client, after login
@@ -52,6 +54,19 @@ type Session struct {
 	relay    *Relay
 	detached bool
 	finish   func(reason string)
+}
+
+// Session phases (Session.phase).
+const (
+	phasePreLogin int32 = iota
+	phaseLoggedIn
+	phaseLoginTimedOut
+)
+
+// LoginTimedOut reports whether ctx, a session's context, was cancelled
+// because the client did not log in in time (ServerOptions.LoginTimeout).
+func LoginTimedOut(ctx context.Context) bool {
+	return errors.Is(context.Cause(ctx), ErrLoginTimeout)
 }
 
 // Observer receives session and login events; metrics.Metrics implements it.
@@ -86,6 +101,7 @@ func (s *Session) LoginDone(result string, backend netip.Addr, elapsed time.Dura
 	}
 	s.Obs.Login(s.Proto, result, elapsed)
 	if result == LoginOK {
+		s.phase.CompareAndSwap(phasePreLogin, phaseLoggedIn)
 		s.loggedIn = backend
 		s.Obs.SessionLoggedIn(s.Proto, backend.String())
 	}

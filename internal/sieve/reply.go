@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/wire"
 )
 
@@ -30,6 +31,7 @@ var (
 	errTooManyFails   = errors.New("too many failed logins")
 	errIdle           = errors.New("idle timeout")
 	errShutdown       = errors.New("server shutting down")
+	errLoginTimeout   = errors.New("login timed out")
 	errClientGone     = errors.New("client closed")
 	errClientWrite    = errors.New("client write failed")
 )
@@ -102,6 +104,8 @@ func replyFor(err error) reply {
 		return reply{status: "BYE", text: "Too many invalid commands", close: true, reason: "too many invalid commands"}
 	case errors.Is(err, errTooManyFails):
 		return reply{status: "BYE", text: "Too many failed logins", close: true, reason: "too many failed logins"}
+	case errors.Is(err, errLoginTimeout):
+		return reply{status: "BYE", text: "Login timed out", close: true, reason: "login timeout"}
 	case errors.Is(err, errShutdown), errors.Is(err, context.Canceled):
 		// Dovecot answers a shutdown with BYE (TRYLATER).
 		return reply{status: "BYE", code: "TRYLATER", text: "Server shutting down", close: true, reason: "shutdown"}
@@ -132,4 +136,13 @@ func (r reply) format() string {
 	}
 	b = append(b, ' ')
 	return string(wire.AppendQuoted(b, r.text))
+}
+
+// shutdownErr is the error for a session whose context ended: the server
+// shuts down, or the client did not log in in time.
+func shutdownErr(ctx context.Context) error {
+	if proxy.LoginTimedOut(ctx) {
+		return errLoginTimeout
+	}
+	return errShutdown
 }

@@ -145,7 +145,7 @@ func (c *client) run(ctx context.Context) string {
 	for {
 		var err error
 		if ctx.Err() != nil {
-			err = errShutdown
+			err = shutdownErr(ctx)
 		} else {
 			var f *wire.Frame
 			f, err = c.r.ReadFrame(c.limits(), nil)
@@ -171,7 +171,7 @@ func (c *client) run(ctx context.Context) string {
 // readErr classifies a client read error.
 func (c *client) readErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
-		return errShutdown
+		return shutdownErr(ctx)
 	}
 	return err
 }
@@ -429,7 +429,7 @@ func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 	if err != nil {
 		c.sess.Backend = ""
 		if ctx.Err() != nil {
-			return errShutdown
+			return shutdownErr(ctx)
 		}
 		if errors.Is(err, errClientWrite) {
 			return err

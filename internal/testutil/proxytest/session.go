@@ -37,6 +37,9 @@ type Session struct {
 	Client *testutil.Client
 	Logs   *testutil.LogBuffer // the session's log, at debug level
 	Cancel context.CancelFunc  // ends Serve's context (a shutdown)
+	// CancelCause ends Serve's context with a cause, as the Server does
+	// (proxy.ErrLoginTimeout).
+	CancelCause context.CancelCauseFunc
 
 	t       testing.TB
 	timeout time.Duration
@@ -89,10 +92,11 @@ func StartSession(t testing.TB, h proxy.Handler, o SessionOptions) *Session {
 	if o.Setup != nil {
 		o.Setup(sess)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancelCause := context.WithCancelCause(context.Background())
+	cancel := func() { cancelCause(nil) }
 	c := testutil.NewClient(t, client)
 	c.Timeout = o.Timeout
-	s := &Session{Sess: sess, Client: c, Logs: logs, Cancel: cancel, t: t, timeout: o.Timeout,
+	s := &Session{Sess: sess, Client: c, Logs: logs, Cancel: cancel, CancelCause: cancelCause, t: t, timeout: o.Timeout,
 		reason: make(chan string, 1)}
 	go func() {
 		r := h.Serve(ctx, sess)
