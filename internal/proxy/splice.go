@@ -49,7 +49,7 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 	// the connections are closed below.
 	_ = client.SetDeadline(noDeadline)
 	_ = backend.SetDeadline(noDeadline)
-	if s.relay != nil && s.finish != nil && relayable(client) && relayable(backend) && relay(ctx, s, client, backend, lease) {
+	if s.relay != nil && s.finish != nil && lease != nil && relayable(client) && relayable(backend) && relay(ctx, s, client, backend, lease) {
 		return ""
 	}
 
