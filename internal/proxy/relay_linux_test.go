@@ -262,3 +262,33 @@ func TestServerRelayedSession(t *testing.T) {
 		t.Errorf("Sessions() = %d after the drain, want 0", n)
 	}
 }
+
+// A client connection behind a PROXY header (prefixConn) is relayed once the
+// bytes that came with the header were read; before that it is not.
+func TestRelayPrefixConn(t *testing.T) {
+	for _, drained := range []bool{true, false} {
+		rl := testRelay(t)
+		r := newRig(t, rl)
+		pc := &prefixConn{Conn: r.clientEnd, pre: bytes.NewReader([]byte("a1 LOGIN\r\n"))}
+		if drained {
+			if _, err := io.ReadAll(io.LimitReader(pc, 10)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r.clientEnd = pc
+		r.start(context.Background(), nil, nil, nil)
+		if !drained {
+			// The prefix is still unread: it must reach the backend first.
+			if got := readLine(t, r.backendApp); got != "a1 LOGIN\r\n" {
+				t.Fatalf("backend got %q, want the prefix", got)
+			}
+		}
+		roundTrip(t, r)
+		if relayed := rl.pairs() == 1; relayed != drained {
+			t.Errorf("drained=%v: relayed=%v", drained, relayed)
+		}
+		r.clientApp.Close()
+		r.backendApp.Close()
+		r.wait(t)
+	}
+}

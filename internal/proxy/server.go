@@ -9,7 +9,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -429,7 +428,7 @@ func (s *Server) readProxyHeader(c net.Conn, remote, local netip.AddrPort) (net.
 	if n := br.Buffered(); n > 0 {
 		// The peer sent more than the header: keep those bytes in front.
 		pending, _ := br.Peek(n)
-		c = &prefixConn{Conn: c, r: io.MultiReader(bytes.NewReader(append([]byte(nil), pending...)), c)}
+		c = &prefixConn{Conn: c, pre: bytes.NewReader(append([]byte(nil), pending...))}
 	}
 	return c, remote, local, nil
 }
@@ -437,10 +436,24 @@ func (s *Server) readProxyHeader(c net.Conn, remote, local netip.AddrPort) (net.
 // prefixConn is a connection with bytes already read put back in front.
 type prefixConn struct {
 	net.Conn
-	r io.Reader
+	pre *bytes.Reader
 }
 
-func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
+func (p *prefixConn) Read(b []byte) (int, error) {
+	if p.pre.Len() > 0 {
+		return p.pre.Read(b)
+	}
+	return p.Conn.Read(b)
+}
+
+// unwrapConn returns the socket under c once nothing is left in front of
+// it, so that the Relay can take it; else c.
+func unwrapConn(c net.Conn) net.Conn {
+	if p, ok := c.(*prefixConn); ok && p.pre.Len() == 0 {
+		return p.Conn
+	}
+	return c
+}
 
 func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {
 	ended := false

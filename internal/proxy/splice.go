@@ -49,8 +49,12 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 	// the connections are closed below.
 	_ = client.SetDeadline(noDeadline)
 	_ = backend.SetDeadline(noDeadline)
-	if s.relay != nil && s.finish != nil && lease != nil && relayable(client) && relayable(backend) && relay(ctx, s, client, backend, lease) {
-		return ""
+	if s.relay != nil && s.finish != nil && lease != nil {
+		// A PROXY-protocol client is a plain socket once the bytes that
+		// came with the header are consumed.
+		if c := unwrapConn(client); relayable(c) && relayable(backend) && relay(ctx, s, c, backend, lease) {
+			return ""
+		}
 	}
 
 	var once sync.Once
