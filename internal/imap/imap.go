@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/prelogin"
 	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
@@ -132,7 +133,7 @@ func (c *client) run(ctx context.Context) string {
 		var err error
 		tag := ""
 		if ctx.Err() != nil {
-			err = shutdownErr(ctx)
+			err = prelogin.ShutdownErr(ctx)
 		} else {
 			var raw *wire.Frame
 			raw, err = readCommand(c.r, c.srv.o.MaxLiteral, c.continueLiteral)
@@ -161,7 +162,7 @@ func (c *client) run(ctx context.Context) string {
 // readErr classifies a client read error.
 func (c *client) readErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
-		return shutdownErr(ctx)
+		return prelogin.ShutdownErr(ctx)
 	}
 	return err
 }
@@ -189,7 +190,7 @@ func (c *client) fail(tag string, err error) (reason string, stop bool) {
 	if rp.status == "BAD" {
 		c.bad++
 		if c.bad >= maxBadCommands {
-			return c.fail("", errTooManyBad)
+			return c.fail("", prelogin.ErrTooManyBad)
 		}
 	}
 	return "", false
@@ -203,10 +204,10 @@ func (c *client) writeLine(s string) error {
 func (c *client) write(b []byte) error {
 	conn := c.sess.Conn
 	if err := conn.SetWriteDeadline(time.Now().Add(c.srv.o.IdleTimeout)); err != nil {
-		return fmt.Errorf("%w: set write deadline: %w", errClientWrite, err)
+		return fmt.Errorf("%w: set write deadline: %w", prelogin.ErrClientWrite, err)
 	}
 	if _, err := conn.Write(b); err != nil {
-		return fmt.Errorf("%w: %w", errClientWrite, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrClientWrite, err)
 	}
 	return nil
 }
@@ -237,23 +238,23 @@ func (c *client) dispatch(ctx context.Context, cmd *command) error {
 	switch cmd.name {
 	case "CAPABILITY":
 		if len(cmd.args) != 0 {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		return c.ok(cmd.tag, "Capability completed", "* CAPABILITY "+c.capabilities())
 	case "NOOP":
 		if len(cmd.args) != 0 {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		return c.ok(cmd.tag, "NOOP completed")
 	case "LOGOUT":
 		if len(cmd.args) != 0 {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		// RFC 9051 section 6.1.3: BYE, then the tagged OK.
 		if err := c.ok(cmd.tag, "Logout completed", "* BYE Logging out"); err != nil {
 			return err
 		}
-		return &sessionEnd{"logout"}
+		return &prelogin.SessionEnd{Reason: "logout"}
 	case "ID":
 		return c.cmdID(cmd)
 	case "STARTTLS":
@@ -264,9 +265,9 @@ func (c *client) dispatch(ctx context.Context, cmd *command) error {
 		return c.cmdAuthenticate(ctx, cmd)
 	}
 	if needsAuth(cmd.name) {
-		return errNeedAuth
+		return prelogin.ErrNeedAuth
 	}
-	return errUnknownCommand
+	return prelogin.ErrUnknownCommand
 }
 
 // needsAuth reports whether name is a command of the authenticated or
@@ -299,7 +300,7 @@ func (c *client) ok(tag, text string, untagged ...string) error {
 // to pass them on to the backend, and answer with no information.
 func (c *client) cmdID(cmd *command) error {
 	if len(cmd.args) != 1 {
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	a := cmd.args[0]
 	var params []idParam
@@ -307,12 +308,12 @@ func (c *client) cmdID(cmd *command) error {
 	case isNil(a):
 	case a.Kind == wire.List:
 		if len(a.List)%2 != 0 {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		for i := 0; i < len(a.List); i += 2 {
 			k, v := a.List[i], a.List[i+1]
 			if !isAstring(k) || isNil(k) || !(isAstring(v) || isNil(v)) {
-				return errArgs
+				return prelogin.ErrArgs
 			}
 			var val *string
 			if !isNil(v) {
@@ -328,7 +329,7 @@ func (c *client) cmdID(cmd *command) error {
 			params = append(params, idParam{key: k.S, value: val})
 		}
 	default:
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	c.clientID = params
 	return c.ok(cmd.tag, "ID completed", "* ID NIL")
@@ -337,16 +338,16 @@ func (c *client) cmdID(cmd *command) error {
 // cmdStartTLS handles STARTTLS (RFC 9051 section 6.2.1).
 func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 	if len(cmd.args) != 0 {
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	if c.sess.Secure {
-		return errTLSActive
+		return prelogin.ErrTLSActive
 	}
 	if c.sess.TLSMode != config.TLSStartTLS || c.sess.TLSConfig == nil {
-		return errNoTLS
+		return prelogin.ErrNoTLS
 	}
 	if c.r.Buffered() > 0 {
-		return errTLSPipelined
+		return prelogin.ErrTLSPipelined
 	}
 	if err := c.ok(cmd.tag, "Begin TLS negotiation now"); err != nil {
 		return err
@@ -355,7 +356,7 @@ func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 	_ = c.raw.SetDeadline(time.Now().Add(c.srv.o.IdleTimeout))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		c.log.Info("tls handshake failed", "err", err)
-		return fmt.Errorf("%w: %w", errTLSHandshake, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrTLSHandshake, err)
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
 	c.r = wire.NewReaderContext(ctx, tc, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
@@ -366,14 +367,14 @@ func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 // cmdLogin handles LOGIN (RFC 9051 section 6.2.3).
 func (c *client) cmdLogin(ctx context.Context, cmd *command) error {
 	if len(cmd.args) != 2 || !isAstring(cmd.args[0]) || !isAstring(cmd.args[1]) {
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	if !c.sess.PlaintextAllowed() {
-		return errPrivacy
+		return prelogin.ErrPrivacy
 	}
 	cr := &sasl.Credentials{Mech: "LOGIN", Authcid: cmd.args[0].S, Password: cmd.args[1].S}
 	if !cr.Valid() {
-		return errCredentials
+		return prelogin.ErrCredentials
 	}
 	return c.login(ctx, cmd.tag, cr)
 }
@@ -382,19 +383,19 @@ func (c *client) cmdLogin(ctx context.Context, cmd *command) error {
 // 4616), with an initial response (RFC 4959) or after a continuation.
 func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 	if len(cmd.args) < 1 || len(cmd.args) > 2 || cmd.args[0].Kind != wire.Atom {
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	if wire.UpperASCII(cmd.args[0].S) != "PLAIN" {
-		return errMechanism
+		return prelogin.ErrMechanism
 	}
 	if !c.sess.PlaintextAllowed() {
-		return errPrivacy
+		return prelogin.ErrPrivacy
 	}
 	var resp string
 	if len(cmd.args) == 2 {
 		ir := cmd.args[1]
 		if !isAstring(ir) {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		resp = ir.S
 		if resp == "=" { // RFC 4959 section 3: an empty initial response
@@ -410,25 +411,25 @@ func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 			return c.readErr(ctx, err)
 		}
 		if string(line) == "*" {
-			return errCanceled
+			return prelogin.ErrCanceled
 		}
 		resp = string(line)
 	}
 	msg, err := sasl.DecodeResponse(resp)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errBase64, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrBase64, err)
 	}
 	cr, err := sasl.PlainCredentials(msg)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errCredentials, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrCredentials, err)
 	}
 	return c.login(ctx, cmd.tag, cr)
 }
 
 // login runs one login attempt: acquire the user's backend, replay the login
 // there and relay the answer. On success it splices the connections and
-// returns the sessionEnd; on a rejected login it returns nil (the client may
-// retry); an unusable backend yields errUnavailable.
+// returns the prelogin.SessionEnd; on a rejected login it returns nil (the client may
+// retry); an unusable backend yields prelogin.ErrUnavailable.
 func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) error {
 	start := time.Now()
 	user := cr.User()
@@ -438,7 +439,7 @@ func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) er
 	if err != nil {
 		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
 		c.sess.LoginDone(proxy.LoginUnavailable, netip.Addr{}, time.Since(start))
-		return fmt.Errorf("%w: acquire: %w", errUnavailable, err)
+		return fmt.Errorf("%w: acquire: %w", prelogin.ErrUnavailable, err)
 	}
 	released := false
 	release := func() {
@@ -456,14 +457,14 @@ func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) er
 	if err != nil {
 		c.sess.Backend = ""
 		if ctx.Err() != nil {
-			return shutdownErr(ctx)
+			return prelogin.ShutdownErr(ctx)
 		}
-		if errors.Is(err, errClientWrite) {
+		if errors.Is(err, prelogin.ErrClientWrite) {
 			return err
 		}
 		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
 		c.sess.LoginDone(proxy.LoginUnavailable, lease.Backend, time.Since(start))
-		return fmt.Errorf("%w: %w", errUnavailable, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrUnavailable, err)
 	}
 	// The backend's tagged answer goes to the client under the client's tag.
 	answer := append(append([]byte(tag), final.rest...), "\r\n"...)
@@ -479,7 +480,7 @@ func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) er
 			return err
 		}
 		if c.failures >= maxLoginFailures {
-			return errTooManyFails
+			return prelogin.ErrTooManyFails
 		}
 		return nil
 	}
@@ -491,5 +492,5 @@ func (c *client) login(ctx context.Context, tag string, cr *sasl.Credentials) er
 	c.sess.LoginDone(proxy.LoginOK, lease.Backend, time.Since(start))
 	c.stopWatch()
 	reason := proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), b.conn, b.r.Pending(), lease)
-	return &sessionEnd{reason}
+	return &prelogin.SessionEnd{Reason: reason}
 }

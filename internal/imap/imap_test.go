@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/prelogin"
 	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/testutil"
@@ -859,13 +860,13 @@ func TestReplyFor(t *testing.T) {
 		err  error
 		want string
 	}{
-		{errUnavailable, "t NO [UNAVAILABLE] "},
-		{errPrivacy, "t NO [PRIVACYREQUIRED] "},
-		{errMechanism, "t NO [CANNOT] "},
+		{prelogin.ErrUnavailable, "t NO [UNAVAILABLE] "},
+		{prelogin.ErrPrivacy, "t NO [PRIVACYREQUIRED] "},
+		{prelogin.ErrMechanism, "t NO [CANNOT] "},
 		{errLitLimit, "t BAD [TOOBIG] "},
 		{errNonSyncLimit, "* BYE [TOOBIG] "},
 		{errBadTag, "* BAD "},
-		{errIdle, "* BYE Autologout"},
+		{prelogin.ErrIdle, "* BYE Autologout"},
 		{context.Canceled, "* BYE [UNAVAILABLE] "},
 	}
 	for _, tc := range tests {

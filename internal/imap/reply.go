@@ -7,40 +7,9 @@ import (
 	"net"
 	"os"
 
-	"github.com/usher-mail/usher/internal/proxy"
+	"github.com/usher-mail/usher/internal/prelogin"
 	"github.com/usher-mail/usher/internal/wire"
 )
-
-// Errors of the pre-login state machine. Each is answered by replyFor, the
-// one place that maps errors to IMAP responses.
-var (
-	errUnknownCommand = errors.New("unknown command")
-	errNeedAuth       = errors.New("command not allowed before login")
-	errArgs           = errors.New("invalid arguments")
-	errPrivacy        = errors.New("plaintext authentication disallowed without TLS")
-	errMechanism      = errors.New("unsupported authentication mechanism")
-	errCanceled       = errors.New("authentication canceled by client")
-	errBase64         = errors.New("invalid base64")
-	errCredentials    = errors.New("malformed credentials")
-	errTLSActive      = errors.New("TLS already active")
-	errNoTLS          = errors.New("STARTTLS not available")
-	errTLSPipelined   = errors.New("data pipelined after STARTTLS")
-	errTLSHandshake   = errors.New("TLS handshake failed")
-	errUnavailable    = errors.New("backend unavailable")
-	errTooManyBad     = errors.New("too many invalid commands")
-	errTooManyFails   = errors.New("too many failed logins")
-	errIdle           = errors.New("idle timeout")
-	errShutdown       = errors.New("server shutting down")
-	errLoginTimeout   = errors.New("login timed out")
-	errClientGone     = errors.New("client closed")
-	errClientWrite    = errors.New("client write failed")
-)
-
-// sessionEnd is returned by a command handler whose command ended the
-// session without an error reply (LOGOUT, or a login that was spliced).
-type sessionEnd struct{ reason string }
-
-func (e *sessionEnd) Error() string { return "session ended: " + e.reason }
 
 // reply is the IMAP response to an error.
 type reply struct {
@@ -60,11 +29,11 @@ func replyFor(err error) reply {
 		return reply{status: "BAD", text: "Missing or invalid tag"}
 	case errors.Is(err, errNoName):
 		return reply{status: "BAD", text: "Missing command"}
-	case errors.Is(err, errSyntax), errors.Is(err, errArgs):
+	case errors.Is(err, errSyntax), errors.Is(err, prelogin.ErrArgs):
 		return reply{status: "BAD", text: "Invalid arguments"}
-	case errors.Is(err, errUnknownCommand):
+	case errors.Is(err, prelogin.ErrUnknownCommand):
 		return reply{status: "BAD", text: "Unknown command"}
-	case errors.Is(err, errNeedAuth):
+	case errors.Is(err, prelogin.ErrNeedAuth):
 		// RFC 9051 section 6: a command in the wrong state is a protocol error.
 		return reply{status: "BAD", text: "Command not allowed before login"}
 	case errors.Is(err, errLitLimit):
@@ -76,53 +45,53 @@ func replyFor(err error) reply {
 		return reply{status: "BAD", code: "TOOBIG", text: "Line too long"}
 	case errors.Is(err, wire.ErrTooMuch):
 		return reply{status: "BYE", code: "TOOBIG", text: "Line too long", close: true, reason: "line flood"}
-	case errors.Is(err, errPrivacy):
+	case errors.Is(err, prelogin.ErrPrivacy):
 		// RFC 5530 section 3 / RFC 9051 section 6.2.3.
 		return reply{status: "NO", code: "PRIVACYREQUIRED", text: "Plaintext authentication disallowed without TLS"}
-	case errors.Is(err, errMechanism):
+	case errors.Is(err, prelogin.ErrMechanism):
 		// RFC 9051 section 6.2.2: an unsupported mechanism gets a tagged NO.
 		return reply{status: "NO", code: "CANNOT", text: "Unsupported authentication mechanism"}
-	case errors.Is(err, errCanceled):
+	case errors.Is(err, prelogin.ErrCanceled):
 		// RFC 9051 section 6.2.2: "*" cancels with a tagged BAD.
 		return reply{status: "BAD", text: "Authentication canceled"}
-	case errors.Is(err, errBase64):
+	case errors.Is(err, prelogin.ErrBase64):
 		// RFC 9051 section 6.2.2: invalid base64 gets a tagged BAD.
 		return reply{status: "BAD", text: "Invalid base64 data"}
-	case errors.Is(err, errCredentials):
+	case errors.Is(err, prelogin.ErrCredentials):
 		return reply{status: "NO", code: "AUTHENTICATIONFAILED", text: "Authentication failed"}
-	case errors.Is(err, errTLSActive):
+	case errors.Is(err, prelogin.ErrTLSActive):
 		return reply{status: "BAD", text: "TLS is already active"}
-	case errors.Is(err, errNoTLS):
+	case errors.Is(err, prelogin.ErrNoTLS):
 		return reply{status: "BAD", text: "STARTTLS not available"}
-	case errors.Is(err, errTLSPipelined):
+	case errors.Is(err, prelogin.ErrTLSPipelined):
 		// CVE-2011-0411 pattern: plaintext injected behind STARTTLS would be
 		// taken as sent over TLS; refuse and disconnect.
 		return reply{status: "BAD", text: "STARTTLS must be the last command sent before TLS", close: true, reason: "starttls pipelining"}
-	case errors.Is(err, errTLSHandshake):
+	case errors.Is(err, prelogin.ErrTLSHandshake):
 		return reply{close: true, reason: "tls handshake failed"}
-	case errors.Is(err, errUnavailable):
+	case errors.Is(err, prelogin.ErrUnavailable):
 		// RFC 5530 section 3: temporary failure, try again later.
 		return reply{status: "NO", code: "UNAVAILABLE", text: "Backend unavailable, try again later"}
-	case errors.Is(err, errTooManyBad):
+	case errors.Is(err, prelogin.ErrTooManyBad):
 		return reply{status: "BYE", text: "Too many invalid commands", close: true, reason: "too many invalid commands"}
-	case errors.Is(err, errTooManyFails):
+	case errors.Is(err, prelogin.ErrTooManyFails):
 		return reply{status: "BYE", text: "Too many failed logins", close: true, reason: "too many failed logins"}
-	case errors.Is(err, errLoginTimeout):
+	case errors.Is(err, prelogin.ErrLoginTimeout):
 		return reply{status: "BYE", text: "Login timed out", close: true, reason: "login timeout"}
-	case errors.Is(err, errShutdown), errors.Is(err, context.Canceled):
+	case errors.Is(err, prelogin.ErrShutdown), errors.Is(err, context.Canceled):
 		return reply{status: "BYE", code: "UNAVAILABLE", text: "Server shutting down", close: true, reason: "shutdown"}
-	case errors.Is(err, errIdle), errors.Is(err, os.ErrDeadlineExceeded):
+	case errors.Is(err, prelogin.ErrIdle), errors.Is(err, os.ErrDeadlineExceeded):
 		// RFC 9051 section 7.1.5 (BYE) example text.
 		return reply{status: "BYE", text: "Autologout; idle for too long", close: true, reason: "idle timeout"}
-	case errors.Is(err, errClientWrite):
+	case errors.Is(err, prelogin.ErrClientWrite):
 		return reply{close: true, reason: "client write failed"}
-	case errors.Is(err, errClientGone), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+	case errors.Is(err, prelogin.ErrClientGone), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrClosedPipe):
 		return reply{close: true, reason: "client closed"}
 	}
-	var end *sessionEnd
+	var end *prelogin.SessionEnd
 	if errors.As(err, &end) {
-		return reply{close: true, reason: end.reason}
+		return reply{close: true, reason: end.Reason}
 	}
 	// A read error not listed above (connection reset, ...).
 	return reply{close: true, reason: "client read failed"}
@@ -139,13 +108,4 @@ func (r reply) format(tag string) string {
 		s += "[" + r.code + "] "
 	}
 	return s + r.text
-}
-
-// shutdownErr is the error for a session whose context ended: the server
-// shuts down, or the client did not log in in time.
-func shutdownErr(ctx context.Context) error {
-	if proxy.LoginTimedOut(ctx) {
-		return errLoginTimeout
-	}
-	return errShutdown
 }

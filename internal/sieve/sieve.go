@@ -43,6 +43,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/prelogin"
 	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/sasl"
 	"github.com/usher-mail/usher/internal/wire"
@@ -145,7 +146,7 @@ func (c *client) run(ctx context.Context) string {
 	for {
 		var err error
 		if ctx.Err() != nil {
-			err = shutdownErr(ctx)
+			err = prelogin.ShutdownErr(ctx)
 		} else {
 			var f *wire.Frame
 			f, err = c.r.ReadFrame(c.limits(), nil)
@@ -171,7 +172,7 @@ func (c *client) run(ctx context.Context) string {
 // readErr classifies a client read error.
 func (c *client) readErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
-		return shutdownErr(ctx)
+		return prelogin.ShutdownErr(ctx)
 	}
 	return err
 }
@@ -198,7 +199,7 @@ func (c *client) fail(err error) (reason string, stop bool) {
 	if rp.bad {
 		c.bad++
 		if c.bad >= maxBadCommands {
-			return c.fail(errTooManyBad)
+			return c.fail(prelogin.ErrTooManyBad)
 		}
 	}
 	return "", false
@@ -212,10 +213,10 @@ func (c *client) writeLine(s string) error {
 func (c *client) write(b []byte) error {
 	conn := c.sess.Conn
 	if err := conn.SetWriteDeadline(time.Now().Add(c.srv.o.IdleTimeout)); err != nil {
-		return fmt.Errorf("%w: set write deadline: %w", errClientWrite, err)
+		return fmt.Errorf("%w: set write deadline: %w", prelogin.ErrClientWrite, err)
 	}
 	if _, err := conn.Write(b); err != nil {
-		return fmt.Errorf("%w: %w", errClientWrite, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrClientWrite, err)
 	}
 	return nil
 }
@@ -264,29 +265,29 @@ func (c *client) dispatch(ctx context.Context, cmd *command) error {
 	switch cmd.name {
 	case "CAPABILITY":
 		if len(cmd.args) != 0 {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		return c.write(c.capabilities("Capability completed."))
 	case "NOOP":
 		return c.cmdNoop(cmd)
 	case "LOGOUT":
 		if len(cmd.args) != 0 {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		// RFC 5804 section 2.3: OK, then the server closes.
 		if err := c.write(ok("", "Logout completed.")); err != nil {
 			return err
 		}
-		return &sessionEnd{"logout"}
+		return &prelogin.SessionEnd{Reason: "logout"}
 	case "STARTTLS":
 		return c.cmdStartTLS(ctx, cmd)
 	case "AUTHENTICATE":
 		return c.cmdAuthenticate(ctx, cmd)
 	}
 	if needsAuth(cmd.name) {
-		return errNeedAuth
+		return prelogin.ErrNeedAuth
 	}
-	return errUnknownCommand
+	return prelogin.ErrUnknownCommand
 }
 
 // needsAuth reports whether name is a command of the authenticated state
@@ -310,22 +311,22 @@ func (c *client) cmdNoop(cmd *command) error {
 		code := appendString([]byte("TAG "), cmd.args[0].S, false)
 		return c.write(ok(string(code), "Done"))
 	}
-	return errArgs
+	return prelogin.ErrArgs
 }
 
 // cmdStartTLS handles STARTTLS (RFC 5804 section 2.2).
 func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 	if len(cmd.args) != 0 {
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	if c.sess.Secure {
-		return errTLSActive
+		return prelogin.ErrTLSActive
 	}
 	if !c.startTLSOffered() {
-		return errNoTLS
+		return prelogin.ErrNoTLS
 	}
 	if c.r.Buffered() > 0 {
-		return errTLSPipelined
+		return prelogin.ErrTLSPipelined
 	}
 	if err := c.write(ok("", "Begin TLS negotiation now.")); err != nil {
 		return err
@@ -334,7 +335,7 @@ func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 	_ = c.raw.SetDeadline(time.Now().Add(c.srv.o.IdleTimeout))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		c.log.Info("tls handshake failed", "err", err)
-		return fmt.Errorf("%w: %w", errTLSHandshake, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrTLSHandshake, err)
 	}
 	c.sess.Conn, c.sess.Secure = tc, true
 	c.r = wire.NewReaderContext(ctx, tc, c.srv.o.IdleTimeout, wire.DefaultMaxLine)
@@ -349,18 +350,18 @@ func (c *client) cmdStartTLS(ctx context.Context, cmd *command) error {
 func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 	// auth-type is a string (RFC 5804 section 4); Dovecot refuses an atom.
 	if len(cmd.args) < 1 || len(cmd.args) > 2 || !cmd.args[0].IsString() {
-		return errArgs
+		return prelogin.ErrArgs
 	}
 	if wire.UpperASCII(cmd.args[0].S) != "PLAIN" {
-		return errMechanism
+		return prelogin.ErrMechanism
 	}
 	if !c.sess.PlaintextAllowed() {
-		return errPrivacy
+		return prelogin.ErrPrivacy
 	}
 	var resp string
 	if len(cmd.args) == 2 {
 		if !cmd.args[1].IsString() {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		resp = cmd.args[1].S
 	} else {
@@ -378,30 +379,30 @@ func (c *client) cmdAuthenticate(ctx context.Context, cmd *command) error {
 			return err
 		}
 		if len(args) != 1 || !(args[0].IsString() || args[0].S == "*") {
-			return errArgs
+			return prelogin.ErrArgs
 		}
 		resp = args[0].S
 	}
 	// RFC 5804 section 2.1: "*" cancels the exchange. A bare * is taken
 	// too, as IMAP clients send it.
 	if resp == "*" {
-		return errCanceled
+		return prelogin.ErrCanceled
 	}
 	msg, err := sasl.DecodeResponse(resp)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errBase64, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrBase64, err)
 	}
 	cr, err := sasl.PlainCredentials(msg)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errCredentials, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrCredentials, err)
 	}
 	return c.login(ctx, cr)
 }
 
 // login runs one login attempt: acquire the user's backend, replay the login
 // there and relay the answer. On success it splices the connections and
-// returns the sessionEnd; on a rejected login it returns nil (the client may
-// retry); an unusable backend yields errUnavailable.
+// returns the prelogin.SessionEnd; on a rejected login it returns nil (the client may
+// retry); an unusable backend yields prelogin.ErrUnavailable.
 func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 	start := time.Now()
 	user := cr.User()
@@ -411,7 +412,7 @@ func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 	if err != nil {
 		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
 		c.sess.LoginDone(proxy.LoginUnavailable, netip.Addr{}, time.Since(start))
-		return fmt.Errorf("%w: acquire: %w", errUnavailable, err)
+		return fmt.Errorf("%w: acquire: %w", prelogin.ErrUnavailable, err)
 	}
 	released := false
 	release := func() {
@@ -429,14 +430,14 @@ func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 	if err != nil {
 		c.sess.Backend = ""
 		if ctx.Err() != nil {
-			return shutdownErr(ctx)
+			return prelogin.ShutdownErr(ctx)
 		}
-		if errors.Is(err, errClientWrite) {
+		if errors.Is(err, prelogin.ErrClientWrite) {
 			return err
 		}
 		log.Warn("login", "result", "unavailable", "err", err, "elapsed", time.Since(start))
 		c.sess.LoginDone(proxy.LoginUnavailable, lease.Backend, time.Since(start))
-		return fmt.Errorf("%w: %w", errUnavailable, err)
+		return fmt.Errorf("%w: %w", prelogin.ErrUnavailable, err)
 	}
 	// The backend's answer goes to the client as it is, literals included.
 	answer := final.frame.Bytes()
@@ -458,7 +459,7 @@ func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 			return err
 		}
 		if c.failures >= maxLoginFailures {
-			return errTooManyFails
+			return prelogin.ErrTooManyFails
 		}
 		return nil
 	}
@@ -470,5 +471,5 @@ func (c *client) login(ctx context.Context, cr *sasl.Credentials) error {
 	c.sess.LoginDone(proxy.LoginOK, lease.Backend, time.Since(start))
 	c.stopWatch()
 	reason := proxy.Splice(ctx, c.sess, c.sess.Conn, c.r.Pending(), b.conn, b.r.Pending(), lease)
-	return &sessionEnd{reason}
+	return &prelogin.SessionEnd{Reason: reason}
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/usher-mail/usher/internal/config"
+	"github.com/usher-mail/usher/internal/prelogin"
 	"github.com/usher-mail/usher/internal/proxy"
 	"github.com/usher-mail/usher/internal/testutil"
 )
@@ -849,14 +850,14 @@ func TestReplyFor(t *testing.T) {
 		want  string
 		close bool
 	}{
-		{errUnavailable, `NO (TRYLATER) "Backend unavailable"`, false},
-		{errPrivacy, `NO (ENCRYPT-NEEDED) "`, false},
+		{prelogin.ErrUnavailable, `NO (TRYLATER) "Backend unavailable"`, false},
+		{prelogin.ErrPrivacy, `NO (ENCRYPT-NEEDED) "`, false},
 		{errLitLimit, `BYE "Literal too big"`, true},
-		{errIdle, `BYE "Disconnected for inactivity."`, true},
+		{prelogin.ErrIdle, `BYE "Disconnected for inactivity."`, true},
 		{context.Canceled, `BYE (TRYLATER) "`, true},
-		{errTLSPipelined, `BYE "`, true},
+		{prelogin.ErrTLSPipelined, `BYE "`, true},
 		{fmt.Errorf("wrapped: %w", errSyntax), `NO "Invalid command syntax"`, false},
-		{errTLSHandshake, ``, true},
+		{prelogin.ErrTLSHandshake, ``, true},
 		{errors.New("connection reset"), ``, true},
 	}
 	for _, tc := range tests {
