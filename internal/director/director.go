@@ -274,19 +274,23 @@ func (d *Director) Acquire(ctx context.Context, user string) (*proxy.Lease, erro
 	}
 	d.mu.Lock()
 	tag := d.tagFor(user)
-	timer := time.NewTimer(d.moveWait)
-	defer timer.Stop()
+	var waited <-chan time.Time // the MoveWait bound, from the first wait on
 	for {
 		now := d.now()
 		u, live := d.st.LiveUser(key, now)
 		if live && u.Moving {
 			ch := d.changed
+			if waited == nil {
+				timer := time.NewTimer(d.moveWait)
+				defer timer.Stop()
+				waited = timer.C
+			}
 			d.mu.Unlock()
 			select {
 			case <-ch:
 			case <-ctx.Done():
 				return nil, fmt.Errorf("acquire %q: %w", key, ctx.Err())
-			case <-timer.C:
+			case <-waited:
 				d.log.Warn("login waited too long for a move", "user", key)
 				return nil, fmt.Errorf("acquire %q: %w: %w", key, errMoving, proxy.ErrUnavailable)
 			}
