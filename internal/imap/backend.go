@@ -35,6 +35,7 @@ var errBackendProtocol = errors.New("backend protocol error")
 // backend is usher's client connection to one backend during login.
 type backend struct {
 	conn net.Conn
+	tcp  net.Conn // the TCP connection under any TLS layer
 	r    *wire.Reader
 	caps map[string]bool // upper case; nil when unknown
 	seq  int
@@ -211,7 +212,7 @@ func (c *client) backendLogin(ctx context.Context, clientTag string, lease *prox
 	if err != nil {
 		return nil, nil, err
 	}
-	b := &backend{conn: conn}
+	b := &backend{conn: conn, tcp: conn}
 	done := false
 	defer func() {
 		if !done {
@@ -342,6 +343,9 @@ func (c *client) replayLogin(b *backend, cr *sasl.Credentials, id []byte, idTag 
 		if _, err := b.await(idTag, nil, nil); err != nil {
 			return nil, fmt.Errorf("backend ID: %w", err)
 		}
+		// The login's answer comes after authentication: do not let it
+		// wait for a delayed ACK of the ID answer (see proxy.AckNow).
+		proxy.AckNow(b.tcp)
 	}
 	for _, p := range pieces[1:] {
 		// Wait for the continuation request (synchronizing literal, or the

@@ -30,6 +30,7 @@ var errProtocol = errors.New("unexpected reply")
 // backend is the backend connection during login.
 type backend struct {
 	conn net.Conn
+	tcp  net.Conn // the TCP connection under any TLS layer
 	r    *wire.Reader
 }
 
@@ -74,6 +75,11 @@ func (b *backend) exchange(lines ...string) ([]string, error) {
 			return nil, err
 		}
 		replies[i] = r
+		if i < len(replies)-1 {
+			// The next reply may come only after authentication; do not
+			// let it wait for a delayed ACK of this one (see proxy.AckNow).
+			proxy.AckNow(b.tcp)
+		}
 	}
 	return replies, nil
 }
@@ -157,7 +163,7 @@ func (s *Server) backendLogin(ctx context.Context, sess *proxy.Session, ip netip
 	// A shutdown during login closes the connection, which ends any read.
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
 	defer stop()
-	b := &backend{conn: raw, r: wire.NewReader(raw, 0, wire.DefaultMaxLine)}
+	b := &backend{conn: raw, tcp: raw, r: wire.NewReader(raw, 0, wire.DefaultMaxLine)}
 	defer func() {
 		if err != nil {
 			b.conn.Close()
