@@ -225,17 +225,25 @@ func mustRead(t *testing.T, path string) string {
 	return string(b)
 }
 
-// freeAddr returns a 127.0.0.1 address with a port that was free just now
-// (the config validator refuses port 0).
-func freeAddr(t *testing.T) string {
+// freeAddrs returns n distinct 127.0.0.1 addresses whose ports were free
+// just now (the config validator refuses port 0). The listeners are held
+// until all are picked, so the ports differ.
+func freeAddrs(t *testing.T, n int) []string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	var addrs []string
+	for range n {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		addrs = append(addrs, ln.Addr().String())
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return addrs
 }
+
+// freeAddr is one address of freeAddrs.
+func freeAddr(t *testing.T) string { return freeAddrs(t, 1)[0] }
 
 // shortTempDir is a temp dir whose paths fit a UNIX socket (107 bytes),
 // which t.TempDir under a long test name might not.
@@ -315,7 +323,8 @@ func TestEndToEnd(t *testing.T) {
 	noEnv(t)
 	dir := shortTempDir(t)
 	sock := filepath.Join(dir, "admin.sock")
-	imapAddr, pop3Addr, adminAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	addrs := freeAddrs(t, 3)
+	imapAddr, pop3Addr, adminAddr := addrs[0], addrs[1], addrs[2]
 	// Health checks off: the backends 127.0.1.x do not exist, and probes
 	// would mark them down. The TCP API allows loopback by default.
 	tc := testConfig{imap: imapAddr, pop3: pop3Addr, socket: sock,

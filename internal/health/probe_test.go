@@ -189,12 +189,7 @@ func TestProbePOP3(t *testing.T) {
 
 func TestProbeNetworkErrors(t *testing.T) {
 	// A port nothing listens on (bound then closed).
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closedPort := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
+	closedPort := testutil.RefusedPort(t)
 
 	silent := newFake(t, nil, func(c net.Conn, _ int) { _, _ = c.Read(make([]byte, 1)) })
 	closing := newFake(t, nil, func(c net.Conn, _ int) {})

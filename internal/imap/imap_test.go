@@ -474,12 +474,7 @@ func TestUnavailable(t *testing.T) {
 		}
 	})
 	t.Run("backend down", func(t *testing.T) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := ln.Addr().(*net.TCPAddr).Port
-		ln.Close()
+		port := testutil.RefusedPort(t)
 		srv, d := newTestServer(nil, func(o *Options) { o.Backend.Port = port })
 		d.SetErr(nil)
 		s := startSession(t, srv, nil)

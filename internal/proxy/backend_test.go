@@ -112,17 +112,12 @@ func TestDialPlain(t *testing.T) {
 }
 
 func TestDialRefused(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
+	port := testutil.RefusedPort(t)
 	o := &BackendOptions{Port: port, ConnectTimeout: ioTimeout}
 	c, err := o.Dial(context.Background(), loopback)
 	if err == nil {
 		c.Close()
-		t.Skip("port was reused by someone else")
+		t.Fatal("dial to a refusing port succeeded")
 	}
 	if want := "127.0.0.1:" + strconv.Itoa(port); !strings.Contains(err.Error(), want) {
 		t.Errorf("err = %v, want it to name %s", err, want)
