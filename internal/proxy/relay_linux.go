@@ -107,13 +107,7 @@ func (r *Relay) pairs() int {
 }
 
 // relayable reports whether c is a plain socket the Relay can take over.
-func relayable(c net.Conn) bool {
-	switch c.(type) {
-	case *net.TCPConn, *net.UnixConn:
-		return true
-	}
-	return false
-}
+func relayable(c net.Conn) bool { return isSocket(c) }
 
 // dupConn returns a close-on-exec duplicate of c's descriptor. It shares
 // the open file (and so O_NONBLOCK) with c but is not in Go's poller.

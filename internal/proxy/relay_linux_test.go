@@ -9,7 +9,6 @@ import (
 	"crypto/sha256"
 	"io"
 	"net"
-	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -177,90 +176,20 @@ func TestRelayClose(t *testing.T) {
 	r2 := newRig(t, rl)
 	r2.start(context.Background(), nil, nil, nil)
 	roundTrip(t, r2)
-	if r2.sess.detached {
-		t.Error("a closed relay took a session")
+	if n := rl.pairs(); n != 0 {
+		t.Errorf("a closed relay took a session (%d pairs)", n)
 	}
 	r2.clientApp.Close()
 	r2.backendApp.Close()
-	r2.wait(t)
+	if why := r2.wait(t); why != "client closed" && why != "backend closed" {
+		t.Errorf("reason = %q, want client or backend closed", why)
+	}
 }
 
-// Through a Server: the Handler returns as soon as the Relay has the
-// session, yet the session counts as open (limits, drain) until it ends,
-// and it is logged once, with the Relay's reason and byte counts.
+// Through a Server with a Relay (see testHandedOffSession).
 func TestServerRelayedSession(t *testing.T) {
 	rl := testRelay(t)
-	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer backendLn.Close()
-	backends := make(chan net.Conn, 1)
-	go func() {
-		c, err := backendLn.Accept()
-		if err == nil {
-			backends <- c
-		}
-	}()
-	returned := make(chan struct{}, 1)
-	released := make(chan struct{})
-	ts := startServer(t, ServerOptions{Relay: rl,
-		Handler: handlerFunc(func(ctx context.Context, s *Session) string {
-			b, err := net.Dial("tcp", backendLn.Addr().String())
-			if err != nil {
-				return "dial failed"
-			}
-			lease := NewLease("u", netip.MustParseAddr("127.0.0.1"), nil, func() { close(released) })
-			defer lease.Release()
-			defer func() { returned <- struct{}{} }()
-			return Splice(ctx, s, s.Conn, []byte("hello\n"), b, nil, lease)
-		})})
-	c := dialFrom(t, "", ts.addr)
-	backend := <-backends
-	defer backend.Close()
-	<-returned
-	if got := readLine(t, backend); got != "hello\n" {
-		t.Fatalf("backend got %q", got)
-	}
-	if _, err := backend.Write([]byte("world\n")); err != nil {
-		t.Fatal(err)
-	}
-	if got := readLine(t, c); got != "world\n" {
-		t.Fatalf("client got %q", got)
-	}
-	if n := ts.srv.Sessions(); n != 1 {
-		t.Errorf("Sessions() = %d while relayed, want 1", n)
-	}
-	if rl.pairs() != 1 {
-		t.Errorf("Relay.pairs() = %d, want 1", rl.pairs())
-	}
-	select {
-	case <-released:
-		t.Fatal("lease released while the session is relayed")
-	default:
-	}
-	if n := len(withMsg(ts.logs.records(t), "session end")); n != 0 {
-		t.Fatalf("%d session end lines while the session is relayed", n)
-	}
-	// Drain closes it after the grace.
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if n := ts.srv.Drain(ctx); n != 1 {
-		t.Errorf("Drain closed %d sessions, want 1", n)
-	}
-	expectEOF(t, c)
-	select {
-	case <-released:
-	case <-time.After(ioTimeout):
-		t.Fatal("lease not released after the relayed session ended")
-	}
-	ends := withMsg(ts.logs.records(t), "session end")
-	if len(ends) != 1 || ends[0]["reason"] != relayShutdown || ends[0]["bytes_in"] != float64(6) || ends[0]["bytes_out"] != float64(6) {
-		t.Errorf("session end lines %v, want one with reason shutdown and 6 bytes each way", ends)
-	}
-	if n := ts.srv.Sessions(); n != 0 {
-		t.Errorf("Sessions() = %d after the drain, want 0", n)
-	}
+	testHandedOffSession(t, rl, func() int { return rl.pairs() })
 }
 
 // A client connection behind a PROXY header (prefixConn) is relayed once the

@@ -626,3 +626,88 @@ func TestLoginTimeout(t *testing.T) {
 		t.Errorf("%d login timeout log lines, want 1", n)
 	}
 }
+
+// testHandedOffSession: through a Server, the Handler returns as soon as
+// Splice has handed the session over (to the Relay rl, or without one to
+// fresh goroutines), yet the session counts as open (limits, drain) until it
+// ends, and it is logged once, with its reason and byte counts. pairs, when
+// set, counts the Relay's sessions.
+func testHandedOffSession(t *testing.T, rl *Relay, pairs func() int) {
+	backendLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer backendLn.Close()
+	backends := make(chan net.Conn, 1)
+	go func() {
+		c, err := backendLn.Accept()
+		if err == nil {
+			backends <- c
+		}
+	}()
+	returned := make(chan struct{}, 1)
+	released := make(chan struct{})
+	ts := startServer(t, ServerOptions{Relay: rl,
+		Handler: handlerFunc(func(ctx context.Context, s *Session) string {
+			b, err := net.Dial("tcp", backendLn.Addr().String())
+			if err != nil {
+				return "dial failed"
+			}
+			lease := NewLease("u", netip.MustParseAddr("127.0.0.1"), nil, func() { close(released) })
+			defer lease.Release()
+			defer func() { returned <- struct{}{} }()
+			return Splice(ctx, s, s.Conn, []byte("hello\n"), b, nil, lease)
+		})})
+	c := dialFrom(t, "", ts.addr)
+	backend := <-backends
+	defer backend.Close()
+	<-returned
+	if got := readLine(t, backend); got != "hello\n" {
+		t.Fatalf("backend got %q", got)
+	}
+	if _, err := backend.Write([]byte("world\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(t, c); got != "world\n" {
+		t.Fatalf("client got %q", got)
+	}
+	if n := ts.srv.Sessions(); n != 1 {
+		t.Errorf("Sessions() = %d while handed over, want 1", n)
+	}
+	if pairs != nil && pairs() != 1 {
+		t.Errorf("Relay.pairs() = %d, want 1", pairs())
+	}
+	select {
+	case <-released:
+		t.Fatal("lease released while the session is handed over")
+	default:
+	}
+	if n := len(withMsg(ts.logs.records(t), "session end")); n != 0 {
+		t.Fatalf("%d session end lines while the session is handed over", n)
+	}
+	// Drain closes it after the grace.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if n := ts.srv.Drain(ctx); n != 1 {
+		t.Errorf("Drain closed %d sessions, want 1", n)
+	}
+	expectEOF(t, c)
+	select {
+	case <-released:
+	case <-time.After(ioTimeout):
+		t.Fatal("lease not released after the handed-over session ended")
+	}
+	ends := withMsg(ts.logs.records(t), "session end")
+	if len(ends) != 1 || ends[0]["reason"] != relayShutdown || ends[0]["bytes_in"] != float64(6) || ends[0]["bytes_out"] != float64(6) {
+		t.Errorf("session end lines %v, want one with reason shutdown and 6 bytes each way", ends)
+	}
+	if n := ts.srv.Sessions(); n != 0 {
+		t.Errorf("Sessions() = %d after the drain, want 0", n)
+	}
+}
+
+// Without a Relay (TLS sessions, other systems) the session moves to fresh
+// goroutines in the same way.
+func TestServerHandedOffSession(t *testing.T) {
+	testHandedOffSession(t, nil, nil)
+}

@@ -138,9 +138,10 @@ type Lease struct {
 	kicked  context.Context // when set, Done is kicked.Done()
 	release func()
 	done    atomic.Bool
-	// relayed is set when the Relay took the session over: the lease is then
-	// released when the relayed session ends, and Release is a no-op.
-	relayed atomic.Bool
+	// detached is set when Splice handed the session to the Relay or to
+	// goroutines of its own: the lease is then released when the session
+	// ends, and Release is a no-op.
+	detached atomic.Bool
 }
 
 // NewLease returns a lease; release is called once by Release.
@@ -177,10 +178,10 @@ func (l *Lease) afterKick(f func()) (stop func()) {
 }
 
 // Release ends the session's hold; it is safe to call more than once. After
-// Splice handed the session to the Relay, the Relay releases the lease when
-// the session ends and Release does nothing.
+// Splice handed the session over (to the Relay or to goroutines of its own),
+// the lease is released when the session ends and Release does nothing.
 func (l *Lease) Release() {
-	if l != nil && !l.relayed.Load() {
+	if l != nil && !l.detached.Load() {
 		l.releaseNow()
 	}
 }

@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -26,9 +25,11 @@ import (
 // session then costs no goroutine at all, the Relay releases the lease, and
 // the session ends (log line, metrics, limits) when the Relay is done with
 // it, not when the Handler returns. Otherwise an idle spliced session costs
-// two goroutines: the caller's copies one direction, one more copies the
-// other. Either way the context and the kick are watched with
-// context.AfterFunc, not by a goroutine of their own.
+// two goroutines, one per direction (copyConn keeps their buffers small);
+// for a session run by a Server they are fresh ones and Splice returns at
+// once too, else the caller's is one of them and Splice returns at the end.
+// Either way the context and the kick are watched with context.AfterFunc,
+// not by a goroutine of their own.
 func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []byte,
 	backend net.Conn, backendPending []byte, lease *Lease) (reason string) {
 	if len(clientPending) > 0 {
@@ -56,7 +57,26 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 			return ""
 		}
 	}
+	if s.finish != nil && lease != nil {
+		// A session run by a Server: the copying moves to fresh goroutines
+		// and the caller's, whose stack grew through the login (a TLS
+		// handshake most of all), ends now. The session ends when they do.
+		lease.detached.Store(true)
+		s.detached = true
+		go func() {
+			reason := copyBoth(ctx, s, client, backend, lease)
+			lease.releaseNow()
+			s.finish(reason)
+		}()
+		return ""
+	}
+	return copyBoth(ctx, s, client, backend, lease)
+}
 
+// copyBoth copies both ways on two goroutines (the caller's and one more)
+// until both directions are finished, the context ends or the lease is
+// kicked, and returns the end reason.
+func copyBoth(ctx context.Context, s *Session, client, backend net.Conn, lease *Lease) (reason string) {
 	var once sync.Once
 	closeBoth := func() {
 		once.Do(func() {
@@ -86,13 +106,13 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 	var firstEnded atomic.Int32 // 0 unset, 1 client->backend, 2 backend->client
 	upErr := make(chan error, 1)
 	go func() {
-		n, err := io.Copy(backend, client)
+		n, err := copyConn(backend, client)
 		firstEnded.CompareAndSwap(0, 1)
 		s.BytesIn.Add(n)
 		closeWrite(backend)
 		upErr <- err
 	}()
-	n, err := io.Copy(client, backend)
+	n, err := copyConn(client, backend)
 	if firstEnded.CompareAndSwap(0, 2) {
 		// The backend is gone: a client that vanished without closing
 		// must not hold the session open, so its remaining input gets
@@ -123,7 +143,7 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 // relay hands the session to s.relay; false means it could not and the
 // caller still owns everything.
 func relay(ctx context.Context, s *Session, client, backend net.Conn, lease *Lease) bool {
-	lease.relayed.Store(true)
+	lease.detached.Store(true)
 	var stopCtx, stopKick func() bool
 	var ready sync.WaitGroup // the watchers are set before the end can use them
 	ready.Add(1)
@@ -137,7 +157,7 @@ func relay(ctx context.Context, s *Session, client, backend net.Conn, lease *Lea
 		s.finish(reason)
 	})
 	if err != nil {
-		lease.relayed.Store(false)
+		lease.detached.Store(false)
 		if s.Log != nil {
 			s.Log.Warn("relay refused the session; copying with goroutines", "err", err)
 		}
