@@ -72,7 +72,7 @@ func newApp(cfg *config.Config, log *slog.Logger) (*app, error) {
 		backends = append(backends, state.Backend{Addr: addr, Weight: *b.Weight, Tag: b.Tag, Up: true})
 	}
 	d, err := director.New(director.Options{
-		Algorithm: route.Algorithm(cfg.Routing), HashTemplate: cfg.HashTemplate,
+		Algorithm: route.Algorithm(cfg.Routing), BalanceFactor: cfg.BalanceFactor, HashTemplate: cfg.HashTemplate,
 		UserExpire: cfg.UserExpire.Duration, Backends: backends,
 		TagFor: cfg.TagFor, MoveWait: cfg.Timeouts.MoveWait.Duration,
 		StateFile: cfg.StateFile, Observer: a.m, Logger: log,
@@ -110,7 +110,7 @@ func (a *app) start() error {
 	}
 	a.adm, err = admin.New(admin.Options{
 		Director: a.d, Metrics: a.m.Handler(), Logger: a.log, Token: tok, Allow: a.cfg.AdminAllow(),
-		OnRequest: a.m.AdminRequest,
+		OnRequest: a.m.AdminRequest, Profiling: a.cfg.Admin.Profiling,
 	})
 	if err == nil {
 		err = a.adm.ListenUnix(a.cfg.Admin.Socket)
@@ -421,6 +421,7 @@ func (a *app) apply(cfg *config.Config) error {
 		{"routing", old.Routing, cfg.Routing}, {"hash_template", old.HashTemplate, cfg.HashTemplate},
 		{"state_file", old.StateFile, cfg.StateFile}, {"admin.socket", old.Admin.Socket, cfg.Admin.Socket},
 		{"admin.listen", old.Admin.Listen, cfg.Admin.Listen},
+		{"admin.profiling", fmt.Sprint(old.Admin.Profiling), fmt.Sprint(cfg.Admin.Profiling)},
 	} {
 		if ch.from != ch.to {
 			return fmt.Errorf("%s changed from %q to %q: that needs a restart", ch.what, ch.from, ch.to)
@@ -432,6 +433,10 @@ func (a *app) apply(cfg *config.Config) error {
 	}
 	servers, err := a.buildServers(cfg)
 	if err != nil {
+		return err
+	}
+	if err := a.d.SetBalanceFactor(cfg.BalanceFactor); err != nil {
+		stopAll(servers)
 		return err
 	}
 	if err := a.d.Reconfigure(cfg.UserExpire.Duration, cfg.TagFor, cfg.Timeouts.MoveWait.Duration); err != nil {

@@ -32,6 +32,7 @@ type valueKind int
 const (
 	kindString valueKind = iota
 	kindInt
+	kindFloat // a TOML float or integer
 	kindBool
 	kindDuration
 	kindStringList
@@ -46,6 +47,8 @@ func (k valueKind) String() string {
 		return "a string"
 	case kindInt:
 		return "an integer"
+	case kindFloat:
+		return "a number"
 	case kindBool:
 		return "a boolean"
 	case kindDuration:
@@ -86,6 +89,8 @@ func schemaOf(t reflect.Type) *schemaNode {
 		return &schemaNode{kind: kindString}
 	case reflect.Int, reflect.Int64:
 		return &schemaNode{kind: kindInt}
+	case reflect.Float64:
+		return &schemaNode{kind: kindFloat}
 	case reflect.Bool:
 		return &schemaNode{kind: kindBool}
 	case reflect.Struct:
@@ -334,6 +339,8 @@ func (c *schemaChecker) value(n *schemaNode, key []string, at unstable.Range, v 
 		ok = v.Kind == unstable.String
 	case kindInt:
 		ok = v.Kind == unstable.Integer
+	case kindFloat:
+		ok = v.Kind == unstable.Float || v.Kind == unstable.Integer
 	case kindBool:
 		ok = v.Kind == unstable.Bool
 	case kindStringList:

@@ -29,6 +29,17 @@ type Config struct {
 	UserExpire Duration `toml:"user_expire"` // default 15m
 	// Routing is the hash algorithm for users without a record: "rendezvous" (default) or "dovecot".
 	Routing string `toml:"routing"`
+	// BalanceFactor bounds the load of rendezvous routing ("consistent
+	// hashing with bounded loads"): a user without a record goes to the
+	// first backend in its rendezvous order that holds fewer user records
+	// than ceil(BalanceFactor × (N+1) × weight / total weight), N being the
+	// records on the pool's eligible backends. So no backend exceeds
+	// BalanceFactor × its weighted share, at the price of a placement that
+	// depends on the records, not on the hash alone. Users with a record
+	// never move. 0 (default) is off: pure hashing. Otherwise
+	// MinBalanceFactor..MaxBalanceFactor; not with routing = "dovecot".
+	// A reload applies a change to users placed from then on.
+	BalanceFactor float64 `toml:"balance_factor"`
 	// HashTemplate is expanded from the login name to the string that is hashed
 	// and that keys user records: %u, %Lu (default), %n, %Ln, %d, %Ld.
 	HashTemplate string `toml:"hash_template"`
@@ -91,6 +102,11 @@ type Admin struct {
 	// Allow lists the CIDRs (or single IPs) that may use the TCP API.
 	// Default: loopback only.
 	Allow []string `toml:"allow"`
+	// Profiling serves Go's runtime profiles (CPU, heap, goroutines, an
+	// execution trace; net/http/pprof) under /debug/pprof/ on the admin
+	// socket and, with the token, on Listen. Default false; a change needs
+	// a restart.
+	Profiling bool `toml:"profiling"`
 }
 
 // Timeouts bound every wait of a session.

@@ -24,6 +24,11 @@ const (
 	MaxBackendWeight = 1000     // the dovecot ring puts weight points per backend
 	MaxTagLen        = 64
 	MaxHealthCount   = 100 // health.fall and health.rise upper bound
+	// MinBalanceFactor and MaxBalanceFactor bound balance_factor when it
+	// is not 0 (off). Below 1 the capacities could not hold every user;
+	// above 10 the bound hardly ever acts.
+	MinBalanceFactor = 1.0
+	MaxBalanceFactor = 10.0
 	// maxSocketPath is the longest UNIX socket path Linux accepts
 	// (sun_path is 108 bytes including the terminating NUL, unix(7)).
 	maxSocketPath = 107
@@ -96,6 +101,13 @@ func (c *Config) validate(checkFiles bool) error {
 
 	if c.Routing != "rendezvous" && c.Routing != "dovecot" {
 		v.add("routing", "%q is not a routing algorithm (want \"rendezvous\" or \"dovecot\")", c.Routing)
+	}
+	switch f := c.BalanceFactor; {
+	case f == 0:
+	case !(f >= MinBalanceFactor && f <= MaxBalanceFactor): // NaN too
+		v.add("balance_factor", "must be 0 (off) or between %g and %g, got %g", MinBalanceFactor, MaxBalanceFactor, f)
+	case c.Routing == "dovecot":
+		v.add("balance_factor", "must be 0 with routing = \"dovecot\", whose point is Dovecot's own placement; got %g", f)
 	}
 	if err := checkHashTemplate(c.HashTemplate); err != nil {
 		v.add("hash_template", "%v", err)

@@ -11,9 +11,13 @@ import (
 )
 
 func benchDirector(b *testing.B, alg route.Algorithm, n int) *Director {
+	return benchDirectorFactor(b, alg, n, 0)
+}
+
+func benchDirectorFactor(b *testing.B, alg route.Algorithm, n int, factor float64) *Director {
 	b.Helper()
 	d, err := New(Options{Algorithm: alg, UserExpire: 15 * time.Minute, Backends: backends(n),
-		Logger: slog.New(slog.DiscardHandler)})
+		BalanceFactor: factor, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -64,5 +68,47 @@ func BenchmarkAcquire(b *testing.B) {
 				}
 			})
 		}
+	}
+}
+
+// BenchmarkAcquireBalanced is BenchmarkAcquire's rendezvous cases with
+// balance factor 1.02: "new" users take the bounded pick (a load lookup per
+// backend), "known" ones must cost what they cost without the factor.
+func BenchmarkAcquireBalanced(b *testing.B) {
+	ctx := context.Background()
+	for _, n := range []int{10, 100} {
+		b.Run(fmt.Sprintf("known/%d", n), func(b *testing.B) {
+			d := benchDirectorFactor(b, route.Rendezvous, n, 1.02)
+			for i := range 10000 {
+				if _, err := d.Acquire(ctx, fmt.Sprintf("user%d@example.org", i)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				l, err := d.Acquire(ctx, "user4242@example.org")
+				if err != nil {
+					b.Fatal(err)
+				}
+				l.Release()
+			}
+		})
+		b.Run(fmt.Sprintf("new/%d", n), func(b *testing.B) {
+			d := benchDirectorFactor(b, route.Rendezvous, n, 1.02)
+			names := make([]string, b.N)
+			for i := range names {
+				names[i] = fmt.Sprintf("new%d@example.org", i)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for _, u := range names {
+				l, err := d.Acquire(ctx, u)
+				if err != nil {
+					b.Fatal(err)
+				}
+				l.Release()
+			}
+		})
 	}
 }

@@ -9,6 +9,10 @@
 //     command log is the complete history; the routing table is rebuilt
 //     whenever the backend set changes;
 //   - a user with a live record is never re-hashed (see internal/state);
+//   - a user without one gets the backend Table.Pick gives its key or, with
+//     a balance factor, Table.PickBounded with the user records on each
+//     backend (state.UsersOn) as the load; Acquire, Flush and UserStatus
+//     all decide through pickLocked, so they agree;
 //   - a user is never on two backends: a move (also a flush, a backend going
 //     down or being removed) first marks the record moving, kicks every
 //     session of the user, waits until the record counts no session, and
@@ -23,6 +27,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/netip"
 	"sync"
 	"time"
@@ -40,10 +45,18 @@ type Observer interface {
 
 // Options configures a Director.
 type Options struct {
-	Algorithm    route.Algorithm
-	HashTemplate string
-	UserExpire   time.Duration
-	Backends     []state.Backend // the initial backend set when no state file exists
+	Algorithm route.Algorithm
+	// BalanceFactor, when not 0, bounds the load of rendezvous routing: a
+	// user without a record goes to the first backend in its rendezvous
+	// order that holds fewer user records than
+	// ceil(BalanceFactor × (N+1) × weight / total weight), N being the
+	// records on the pool's eligible backends (route.Table.PickBounded).
+	// 0 (default) is pure hashing; otherwise it must be at least 1. Dovecot
+	// routing ignores it.
+	BalanceFactor float64
+	HashTemplate  string
+	UserExpire    time.Duration
+	Backends      []state.Backend // the initial backend set when no state file exists
 	// TagFor returns the pool of a login name ("" = default pool).
 	TagFor func(user string) string
 	// MoveWait bounds how long a login waits for a move of its user, and how
@@ -78,6 +91,7 @@ type Director struct {
 	table    *route.Table
 	tagFor   func(string) string
 	moveWait time.Duration
+	factor   float64 // balance factor; 0 = pure hashing
 	// changed is closed and replaced whenever a user record changes, so
 	// waiters (logins during a move, moves waiting for sessions) wake up.
 	changed chan struct{}
@@ -127,12 +141,15 @@ func New(o Options) (*Director, error) {
 	if err := route.ValidateTemplate(o.HashTemplate); err != nil {
 		return nil, fmt.Errorf("new director: %w", err)
 	}
+	if err := checkBalanceFactor(o.BalanceFactor); err != nil {
+		return nil, fmt.Errorf("new director: %w", err)
+	}
 	d := &Director{
 		alg: o.Algorithm, tmpl: o.HashTemplate, log: o.Logger, now: o.Now, obs: o.Observer,
 		changedFn: o.BackendsChanged, healthFn: o.Health,
 		stateFile: o.StateFile, st: state.New(o.UserExpire),
 		changed: make(chan struct{}), sessions: map[string]map[*localSession]struct{}{},
-		causes: map[netip.Addr]Cause{},
+		causes: map[netip.Addr]Cause{}, factor: o.BalanceFactor,
 	}
 	d.setRuntime(o.TagFor, o.MoveWait)
 	loaded, err := d.load(o.UserExpire)
@@ -221,6 +238,56 @@ func (d *Director) Reconfigure(userExpire time.Duration, tagFor func(string) str
 	return nil
 }
 
+// ErrBadBalanceFactor is returned for a balance factor that is neither 0
+// nor a finite number >= 1.
+var ErrBadBalanceFactor = errors.New("balance factor must be 0 (off) or a finite number >= 1")
+
+func checkBalanceFactor(f float64) error {
+	if f == 0 || (f >= 1 && !math.IsInf(f, 1)) {
+		return nil
+	}
+	return fmt.Errorf("balance factor %v: %w", f, ErrBadBalanceFactor)
+}
+
+// SetBalanceFactor changes the balance factor (see Options.BalanceFactor)
+// for the users placed from now on; records are not touched. A config
+// reload calls it next to Reconfigure.
+func (d *Director) SetBalanceFactor(factor float64) error {
+	if err := checkBalanceFactor(factor); err != nil {
+		return fmt.Errorf("set balance factor: %w", err)
+	}
+	d.mu.Lock()
+	old := d.factor
+	d.factor = factor
+	d.mu.Unlock()
+	if old != factor {
+		d.log.Info("balance factor changed", "from", old, "to", factor)
+	}
+	return nil
+}
+
+// pickLocked returns the backend a user without a record gets now: the
+// table's Pick, or with a balance factor its PickBounded with the records on
+// each backend as the load. own, when valid, is the backend of key's own
+// record, which is not counted (the question is then where the user would
+// go if its record were dropped), and adj, when not nil, adds planned
+// changes to the loads. Caller holds mu.
+func (d *Director) pickLocked(key, tag string, own netip.Addr, adj map[netip.Addr]int) (netip.Addr, bool) {
+	if d.factor == 0 {
+		return d.table.Pick(key, tag)
+	}
+	return d.table.PickBounded(key, tag, d.factor, func(a netip.Addr) int {
+		n := d.st.UsersOn(a)
+		if a == own {
+			n--
+		}
+		if adj != nil {
+			n += adj[a]
+		}
+		return n
+	})
+}
+
 // apply stamps c with the time, applies it and wakes waiters. Caller holds mu.
 func (d *Director) apply(c state.Command) (state.Result, error) {
 	if c.Time.IsZero() {
@@ -301,7 +368,7 @@ func (d *Director) Acquire(ctx context.Context, user string) (*proxy.Lease, erro
 		if live {
 			cmd.Backend = u.Backend
 		} else {
-			b, ok := d.table.Pick(key, tag)
+			b, ok := d.pickLocked(key, tag, netip.Addr{}, nil)
 			if !ok {
 				d.mu.Unlock()
 				d.log.Warn("no backend available in pool", "user", key, "tag", tag)

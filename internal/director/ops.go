@@ -316,33 +316,21 @@ func (d *Director) Flush(ctx context.Context, backend netip.Addr, maxParallel in
 	if maxParallel <= 0 {
 		maxParallel = 10
 	}
-	keys := d.usersOn(backend)
-	res := FlushResult{Users: len(keys)}
+	plan := d.flushPlan(backend)
+	res := FlushResult{Users: len(plan)}
 	var mu sync.Mutex
 	sem := make(chan struct{}, maxParallel)
 	var wg sync.WaitGroup
-	for _, k := range keys {
-		d.mu.Lock()
-		u, live := d.st.LiveUser(k, d.now())
-		target, ok := d.table.Pick(k, u.Tag)
-		d.mu.Unlock()
-		if !live {
-			continue
-		}
-		if ok && target == u.Backend {
-			mu.Lock()
+	for _, p := range plan {
+		if p.kept {
 			res.Kept++
-			mu.Unlock()
 			continue
-		}
-		if !ok {
-			target = netip.Addr{} // no backend in the pool now: re-hash at next login
 		}
 		sem <- struct{}{}
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			err := d.move(ctx, k, target, "flush")
+			err := d.move(ctx, p.key, p.target, "flush")
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -355,6 +343,53 @@ func (d *Director) Flush(ctx context.Context, backend netip.Addr, maxParallel in
 	wg.Wait()
 	d.log.Info("flush done", "backend", addrOrAll(backend), "users", res.Users, "moved", res.Moved, "kept", res.Kept, "failed", res.Failed)
 	return res, d.Save()
+}
+
+// flushMove is one user of a flush: its new backend (invalid: no backend
+// in its pool now, re-hash at the next login), or kept where it is.
+type flushMove struct {
+	key    string
+	target netip.Addr
+	kept   bool
+}
+
+// flushPlan decides, under one lock, where each user with a live record on
+// backend (every backend when invalid) goes: where hashing puts it as if
+// all these records were dropped and the users logged in again one after
+// another in key order. Without a balance factor that is Pick for each;
+// with one, the loads start without the flushed users and count each user
+// of the plan on its new backend as it is placed, so the result is the
+// bounded placement a fresh login of them would give: a flush of everyone
+// re-balances within the bound.
+func (d *Director) flushPlan(backend netip.Addr) []flushMove {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	now := d.now()
+	var us []state.User
+	for _, u := range d.st.Users() {
+		if _, live := d.st.LiveUser(u.Key, now); live && (!backend.IsValid() || u.Backend == backend) {
+			us = append(us, u)
+		}
+	}
+	var adj map[netip.Addr]int
+	if d.factor != 0 {
+		adj = make(map[netip.Addr]int)
+		for _, u := range us {
+			adj[u.Backend]--
+		}
+	}
+	plan := make([]flushMove, 0, len(us))
+	for _, u := range us {
+		target, ok := d.pickLocked(u.Key, u.Tag, netip.Addr{}, adj)
+		if !ok {
+			target = netip.Addr{}
+		}
+		if adj != nil && ok {
+			adj[target]++
+		}
+		plan = append(plan, flushMove{key: u.Key, target: target, kept: ok && target == u.Backend})
+	}
+	return plan
 }
 
 // Forget drops the records of backend's users (all when invalid) without
@@ -411,8 +446,10 @@ type BackendStatus struct {
 
 // Status is the answer to `usher status`.
 type Status struct {
-	Algorithm string          `json:"algorithm"`
-	Backends  []BackendStatus `json:"backends"`
+	Algorithm string `json:"algorithm"`
+	// BalanceFactor is the bound on rendezvous loads (0: pure hashing).
+	BalanceFactor float64         `json:"balance_factor,omitempty"`
+	Backends      []BackendStatus `json:"backends"`
 }
 
 // Status returns every backend with its live users and open sessions.
@@ -434,7 +471,7 @@ func (d *Director) status() Status {
 	defer d.mu.Unlock()
 	now := d.now()
 	idx := map[netip.Addr]int{}
-	st := Status{Algorithm: string(d.alg)}
+	st := Status{Algorithm: string(d.alg), BalanceFactor: d.factor}
 	for _, b := range d.st.Backends() {
 		idx[b.Addr] = len(st.Backends)
 		bs := BackendStatus{Address: b.Addr.String(), Weight: b.Weight, Tag: b.Tag, Up: b.Up}
@@ -457,15 +494,17 @@ func (d *Director) status() Status {
 
 // UserStatus is the answer to `usher status USER`.
 type UserStatus struct {
-	User        string     `json:"user"`
-	Key         string     `json:"key"`
-	Tag         string     `json:"tag"`
-	Hash        uint32     `json:"hash"`
-	Backend     string     `json:"backend"`      // "" when the user has no live record
-	Sessions    int        `json:"sessions"`     // open sessions, all protocols
-	Moving      bool       `json:"moving"`       // a move is in progress
-	Expires     *time.Time `json:"expires"`      // nil while sessions are open or without record
-	HashBackend string     `json:"hash_backend"` // where hashing would put the user now
+	User     string     `json:"user"`
+	Key      string     `json:"key"`
+	Tag      string     `json:"tag"`
+	Hash     uint32     `json:"hash"`
+	Backend  string     `json:"backend"`  // "" when the user has no live record
+	Sessions int        `json:"sessions"` // open sessions, all protocols
+	Moving   bool       `json:"moving"`   // a move is in progress
+	Expires  *time.Time `json:"expires"`  // nil while sessions are open or without record
+	// HashBackend is where hashing would put the user now (with a balance
+	// factor: if its record were dropped and it logged in again).
+	HashBackend string `json:"hash_backend"`
 }
 
 // UserStatus returns the user's record and the backend hashing picks now.
@@ -474,6 +513,7 @@ func (d *Director) UserStatus(user string) UserStatus {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	us := UserStatus{User: user, Key: key, Tag: d.tagFor(user), Hash: route.UserHash(key)}
+	var own netip.Addr // the record's backend, not counted in the loads
 	if u, ok := d.st.LiveUser(key, d.now()); ok {
 		us.Backend = u.Backend.String()
 		us.Sessions = u.Sessions
@@ -481,8 +521,9 @@ func (d *Director) UserStatus(user string) UserStatus {
 		if exp := d.st.ExpiresAt(u); !exp.IsZero() {
 			us.Expires = &exp
 		}
+		own = u.Backend
 	}
-	if b, ok := d.table.Pick(key, us.Tag); ok {
+	if b, ok := d.pickLocked(key, us.Tag, own, nil); ok {
 		us.HashBackend = b.String()
 	}
 	return us

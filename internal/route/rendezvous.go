@@ -34,6 +34,9 @@ type rendezvousPool struct {
 	// a logarithm (the exact order; the float scores could only differ by
 	// rounding ties).
 	sameWeight bool
+	// totalWeight is the sum of the entries' weights, W of the capacity
+	// bound of pickBounded.
+	totalWeight float64
 }
 
 const (
@@ -74,6 +77,7 @@ func newRendezvousPool(backends []Backend) *rendezvousPool {
 			weight: float64(b.Weight),
 			addr:   b.Addr,
 		})
+		p.totalWeight += float64(b.Weight)
 		if b.Weight != backends[0].Weight {
 			p.sameWeight = false
 		}
@@ -104,6 +108,65 @@ func (p *rendezvousPool) pick(key string) (netip.Addr, bool) {
 		if s := rendezvousScore(kh, e.seed, e.weight); s > bestScore {
 			best, bestScore = i, s
 		}
+	}
+	return p.entries[best].addr, true
+}
+
+// boundedStackLoads is how many loads pickBounded keeps on the stack; a
+// larger pool calls load twice per backend instead of allocating.
+const boundedStackLoads = 128
+
+// pickBounded returns the first backend in key's rendezvous order (the order
+// of pick: highest score first, ties to the lowest address) whose load is
+// below its capacity ceil(factor * (N+1) * w_b / W), where N is the sum of
+// the loads of the pool's backends, w_b the backend's weight and W the
+// pool's total weight. factor >= 1 (the caller's guarantee) makes the
+// capacities add up to at least N+1, so some backend always has room; if
+// none has (load is inconsistent between calls), it falls back to pick.
+// Negative loads count as 0. It does not allocate.
+func (p *rendezvousPool) pickBounded(key string, factor float64, load func(netip.Addr) int) (netip.Addr, bool) {
+	if len(p.entries) == 0 {
+		return netip.Addr{}, false
+	}
+	var buf [boundedStackLoads]int
+	var loads []int
+	if len(p.entries) <= len(buf) {
+		loads = buf[:len(p.entries)]
+	}
+	total := 0
+	for i := range p.entries {
+		l := max(load(p.entries[i].addr), 0)
+		if loads != nil {
+			loads[i] = l
+		}
+		total += l
+	}
+	scale := factor * float64(total+1)
+	kh := mix64(fnv1a64(key))
+	best := -1
+	var bestH uint64
+	bestScore := math.Inf(-1)
+	for i := range p.entries {
+		e := &p.entries[i]
+		var l int
+		if loads != nil {
+			l = loads[i]
+		} else {
+			l = max(load(e.addr), 0)
+		}
+		if float64(l) >= math.Ceil(scale*e.weight/p.totalWeight) {
+			continue // full
+		}
+		if p.sameWeight {
+			if h := mix64(kh^e.seed) >> 11; best < 0 || h > bestH {
+				best, bestH = i, h
+			}
+		} else if s := rendezvousScore(kh, e.seed, e.weight); best < 0 || s > bestScore {
+			best, bestScore = i, s
+		}
+	}
+	if best < 0 {
+		return p.pick(key)
 	}
 	return p.entries[best].addr, true
 }

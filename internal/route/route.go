@@ -10,10 +10,24 @@
 //   - Dovecot: the Dovecot 2.3 director's consistent-hashing ring, bit for
 //     bit, for sites migrating from the Dovecot director.
 //
+// Rendezvous tables can also pick with bounded loads (PickBounded, after
+// Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+// Loads", 2016; HAProxy's hash-balance-factor): the caller says how many
+// users each backend holds, and the user goes to the first backend in its
+// rendezvous order (Pick's choice first) that is below its capacity
+// ceil(factor * (N+1) * w_b / W): N users on the pool, w_b the backend's
+// weight, W the pool's total weight. Assigned one after another, no backend
+// ever holds more than its capacity (rounded up), so the spread stays within
+// about the factor of each backend's weighted share, at the price of a
+// placement that depends on the loads and not on the key alone.
+//
 // Invariants: a Table is immutable after NewTable and safe for concurrent
-// use; Pick only returns a backend that is Up, has Weight > 0 and carries the
-// requested Tag; for a given Table, key and tag, Pick always returns the same
-// backend; Pick does not allocate (for Dovecot, with keys up to 128 bytes).
+// use; Pick and PickBounded only return a backend that is Up, has Weight > 0
+// and carries the requested Tag; for a given Table, key and tag, Pick always
+// returns the same backend, and PickBounded the same backend for the same
+// loads; PickBounded returns Pick's backend whenever that backend is below
+// its capacity, and always on a Dovecot table or with factor <= 0; neither
+// allocates (for Dovecot, with keys up to 128 bytes).
 package route
 
 import (
@@ -135,4 +149,26 @@ func (t *Table) Pick(key, tag string) (netip.Addr, bool) {
 		}
 	}
 	return netip.Addr{}, false
+}
+
+// PickBounded is Pick with bounded loads for Rendezvous tables (see the
+// package documentation). load(b) is the number of users on backend b (as
+// the table was given it in NewTable); it is called once or twice per
+// eligible backend of the pool and must not change meanwhile. The result is
+// the first backend in key's rendezvous order whose load is below
+// ceil(factor * (N+1) * w_b / W), where N is the sum of load over the
+// pool's eligible backends: the backend that places one more user without
+// exceeding the bound. A factor below 1 is raised to 1 (capacities then
+// still add up to at least N+1). On a Dovecot table, with factor <= 0 or
+// NaN, or with a nil load, it is exactly Pick; and if no backend has room
+// (only possible when load is inconsistent) it falls back to Pick.
+func (t *Table) PickBounded(key, tag string, factor float64, load func(netip.Addr) int) (netip.Addr, bool) {
+	if t.alg == Dovecot || !(factor > 0) || load == nil {
+		return t.Pick(key, tag)
+	}
+	p := t.rendezvous[tag]
+	if p == nil {
+		return netip.Addr{}, false
+	}
+	return p.pickBounded(key, max(factor, 1), load)
 }

@@ -2,6 +2,7 @@ package route
 
 import (
 	"fmt"
+	"net/netip"
 	"testing"
 )
 
@@ -44,6 +45,43 @@ func BenchmarkPick(b *testing.B) {
 			i++
 		}
 	})
+}
+
+// BenchmarkPickBounded is BenchmarkPick with bounded loads (factor 1.02)
+// over a balanced pool whose load function is a map lookup, as the director's
+// is; "full" makes every key's first choice full half of the time.
+func BenchmarkPickBounded(b *testing.B) {
+	keys := benchKeys()
+	for _, c := range []struct {
+		name     string
+		n        int
+		weighted bool
+		full     bool
+	}{{"rendezvous/10", 10, false, false}, {"rendezvous/100", 100, false, false},
+		{"rendezvous-weighted/10", 10, true, false}, {"rendezvous-full/10", 10, false, true}} {
+		b.Run(c.name, func(b *testing.B) {
+			bs := backends(c.n, 100)
+			if c.weighted {
+				bs[0].Weight = 150
+			}
+			tab := mustTable(b, Rendezvous, bs)
+			loads := make(map[netip.Addr]int, c.n)
+			for i, be := range bs {
+				loads[be.Addr] = 1000 * be.Weight / 100
+				if c.full && i%2 == 0 {
+					loads[be.Addr] += 100 // above 1.02 × the share
+				}
+			}
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				if _, ok := tab.PickBounded(keys[i&1023], "", 1.02, func(a netip.Addr) int { return loads[a] }); !ok {
+					b.Fatal("no backend")
+				}
+				i++
+			}
+		})
+	}
 }
 
 func BenchmarkUserHash(b *testing.B) {

@@ -10,6 +10,12 @@
 //   - A user with a live record (open sessions, or closed less than Expire
 //     ago) stays on its backend: adding, removing or re-weighting other
 //     backends never moves it.
+//   - UsersOn(b) always equals the number of records (live or not yet swept,
+//     moving ones included) whose Backend is b: records are only added,
+//     replaced or dropped through setUser and deleteUser, which keep the
+//     per-backend counts in step (CmdRestart, which re-pins records in
+//     place, moves their counts itself), so reading a count costs one map
+//     lookup.
 //   - Command types are a public, append-only format (they are stored in the
 //     state file and, later, the raft log): numbers are never reused and
 //     fields are only added.
@@ -125,6 +131,9 @@ type State struct {
 	expire   time.Duration
 	backends map[netip.Addr]*Backend
 	users    map[string]*User
+	// counts[b] is the number of records whose Backend is b; backends
+	// without records have no entry. Derived from users: never serialized.
+	counts map[netip.Addr]int
 }
 
 // New returns an empty state whose records expire after expire.
@@ -132,7 +141,7 @@ func New(expire time.Duration) *State {
 	if expire <= 0 {
 		expire = DefaultExpire
 	}
-	return &State{expire: expire, backends: map[netip.Addr]*Backend{}, users: map[string]*User{}}
+	return &State{expire: expire, backends: map[netip.Addr]*Backend{}, users: map[string]*User{}, counts: map[netip.Addr]int{}}
 }
 
 // Result is what applying a command produced.
@@ -179,7 +188,7 @@ func (s *State) Apply(c Command) (Result, error) {
 		n := 0
 		for k, u := range s.users {
 			if u.Backend == c.Backend {
-				delete(s.users, k)
+				s.deleteUser(k)
 				n++
 				continue
 			}
@@ -230,7 +239,7 @@ func (s *State) Apply(c Command) (Result, error) {
 		n := 0
 		for k, u := range s.users {
 			if s.expired(u, c.Time) {
-				delete(s.users, k)
+				s.deleteUser(k)
 				n++
 			}
 		}
@@ -259,7 +268,7 @@ func (s *State) Apply(c Command) (Result, error) {
 		}
 		if !c.Backend.IsValid() {
 			if _, ok := s.users[c.User]; ok {
-				delete(s.users, c.User)
+				s.deleteUser(c.User)
 				return Result{Removed: 1}, nil
 			}
 			return Result{}, nil
@@ -271,13 +280,13 @@ func (s *State) Apply(c Command) (Result, error) {
 		if u, ok := s.users[c.User]; ok && tag == "" {
 			tag = u.Tag
 		}
-		s.users[c.User] = &User{Key: c.User, Backend: c.Backend, Tag: tag, LastSeen: c.Time}
+		s.setUser(&User{Key: c.User, Backend: c.Backend, Tag: tag, LastSeen: c.Time})
 		return Result{Backend: c.Backend, Created: true}, nil
 	case CmdForget:
 		n := 0
 		for k, u := range s.users {
 			if !u.Moving && (!c.Backend.IsValid() || u.Backend == c.Backend) {
-				delete(s.users, k)
+				s.deleteUser(k)
 				n++
 			}
 		}
@@ -286,9 +295,11 @@ func (s *State) Apply(c Command) (Result, error) {
 		for k, u := range s.users {
 			if u.Moving {
 				if !u.MoveTo.IsValid() {
-					delete(s.users, k)
+					s.deleteUser(k)
 					continue
 				}
+				s.uncount(u.Backend)
+				s.counts[u.MoveTo]++
 				u.Backend, u.Moving, u.MoveTo = u.MoveTo, false, netip.Addr{}
 				if c.Time.After(u.LastSeen) {
 					u.LastSeen = c.Time // the move completes now
@@ -321,9 +332,43 @@ func (s *State) sessionOpen(c Command) (Result, error) {
 	if _, ok := s.backends[c.Backend]; !ok {
 		return Result{}, fmt.Errorf("%s %s: %w", c.Type, c.Backend, ErrUnknownBackend)
 	}
-	s.users[c.User] = &User{Key: c.User, Backend: c.Backend, Tag: c.Tag, Sessions: 1, LastSeen: c.Time}
+	s.setUser(&User{Key: c.User, Backend: c.Backend, Tag: c.Tag, Sessions: 1, LastSeen: c.Time})
 	return Result{Backend: c.Backend, Created: true}, nil
 }
+
+// setUser stores u, replacing any record of the same key, and keeps the
+// per-backend counts in step.
+func (s *State) setUser(u *User) {
+	if old, ok := s.users[u.Key]; ok {
+		s.uncount(old.Backend)
+	}
+	s.users[u.Key] = u
+	s.counts[u.Backend]++
+}
+
+// deleteUser drops key's record, if any, and keeps the counts in step.
+func (s *State) deleteUser(key string) {
+	if u, ok := s.users[key]; ok {
+		s.uncount(u.Backend)
+		delete(s.users, key)
+	}
+}
+
+// uncount takes one record off backend a's count; a count that reaches 0 is
+// removed, so that the map only holds backends with records.
+func (s *State) uncount(a netip.Addr) {
+	if n := s.counts[a] - 1; n > 0 {
+		s.counts[a] = n
+	} else {
+		delete(s.counts, a)
+	}
+}
+
+// UsersOn returns the number of user records whose backend is addr: live
+// ones and expired ones not yet swept by CmdExpire, moving ones (counted on
+// the backend they are moving away from) included. addr must be the address
+// as the state knows it (see Backends); it does not allocate.
+func (s *State) UsersOn(addr netip.Addr) int { return s.counts[addr] }
 
 func (s *State) expired(u *User, now time.Time) bool {
 	return u.Sessions == 0 && !u.Moving && !now.Before(u.LastSeen.Add(s.expire))
@@ -407,7 +452,7 @@ func (s *State) UnmarshalJSON(b []byte) error {
 	}
 	for _, u := range snap.Users {
 		u := u
-		n.users[u.Key] = &u
+		n.setUser(&u)
 	}
 	*s = *n
 	return nil
