@@ -22,7 +22,10 @@
 //     cuts their waits short (the director then still completes every
 //     started move). Reads have deadlines (ReadHeaderTimeout, ReadTimeout);
 //     each answer gets a write deadline when it is written, so a long
-//     operation is not cut by the write timeout.
+//     operation is not cut by the write timeout;
+//   - Go's profiles (/debug/pprof/) are served only when Options.Profiling
+//     is set (importing net/http/pprof also registers them on
+//     http.DefaultServeMux, which usher never serves).
 package admin
 
 import (
@@ -38,6 +41,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"net/url"
 	"os"
@@ -109,6 +113,10 @@ type Options struct {
 	OnRequest func(code int)
 	// OpTimeout bounds a long operation (default DefaultOpTimeout).
 	OpTimeout time.Duration
+	// Profiling serves Go's profiles (net/http/pprof) under /debug/pprof/:
+	// CPU, heap, goroutines, mutexes, an execution trace. Off by default;
+	// the TCP listener guards them like every other path.
+	Profiling bool
 }
 
 // Request and answer bodies of the API.
@@ -236,6 +244,15 @@ func New(o Options) (*Server, error) {
 	m.HandleFunc("POST /v1/flush", s.flush)
 	m.HandleFunc("GET /v1/dump", s.dump)
 	m.HandleFunc("GET /metrics", s.serveMetrics)
+	if o.Profiling {
+		// Named profiles (heap, goroutine, allocs, block, mutex...) are
+		// served by Index under their own names.
+		m.HandleFunc("GET /debug/pprof/", pprof.Index)
+		m.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		m.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		m.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		m.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	s.mux = m
 	return s, nil
 }

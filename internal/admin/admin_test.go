@@ -64,6 +64,7 @@ type options struct {
 	allow     []netip.Prefix
 	tcp       bool // also listen on 127.0.0.1:0
 	metrics   http.Handler
+	profiling bool
 }
 
 func newDirector(t *testing.T, moveWait time.Duration) *director.Director {
@@ -121,7 +122,7 @@ func startAt(t *testing.T, path string, d *director.Director, o options) *fixtur
 	f := &fixture{path: path, d: d, c: admin.NewClient(path), raw: rawClient(path), log: logs}
 	srv, err := admin.New(admin.Options{
 		Director: d, Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Token: o.token, Allow: o.allow, Metrics: o.metrics, OpTimeout: o.opTimeout,
+		Token: o.token, Allow: o.allow, Metrics: o.metrics, OpTimeout: o.opTimeout, Profiling: o.profiling,
 		OnRequest: func(code int) {
 			f.mu.Lock()
 			f.codes = append(f.codes, code)

@@ -839,3 +839,30 @@ func TestNewClientRejectsBadAddress(t *testing.T) {
 		t.Errorf("NewTCPClient with a trailing slash: %v", err)
 	}
 }
+
+func TestProfiling(t *testing.T) {
+	f := startWith(t, options{profiling: true, tcp: true, token: testToken, allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
+	a := f.unix(t, http.MethodGet, "/debug/pprof/", "")
+	if a.code != 200 || !strings.Contains(a.raw, "goroutine") || !strings.Contains(a.raw, "heap") {
+		t.Errorf("GET /debug/pprof/: %d %.200q", a.code, a.raw)
+	}
+	// A named profile, in text: this very test's goroutine is in it.
+	a = f.unix(t, http.MethodGet, "/debug/pprof/goroutine?debug=1", "")
+	if a.code != 200 || !strings.Contains(a.raw, "goroutine profile:") || !strings.Contains(a.raw, "TestProfiling") {
+		t.Errorf("GET goroutine profile: %d %.200q", a.code, a.raw)
+	}
+	// A CPU profile is a gzipped protocol buffer.
+	a = f.unix(t, http.MethodGet, "/debug/pprof/profile?seconds=1", "")
+	if a.code != 200 || !strings.HasPrefix(a.raw, "\x1f\x8b") {
+		t.Errorf("GET CPU profile: %d, %d bytes starting %.8q", a.code, len(a.raw), a.raw)
+	}
+	// The TCP listener wants its token here too.
+	if a := f.tcpAs(t, "", http.MethodGet, "/debug/pprof/heap", ""); a.code != 401 {
+		t.Errorf("profile over TCP without a token: %d", a.code)
+	}
+	if a := f.tcpAs(t, "Bearer "+testToken, http.MethodGet, "/debug/pprof/heap?debug=1", ""); a.code != 200 || !strings.Contains(a.raw, "heap profile") {
+		t.Errorf("profile over TCP with the token: %d %.100q", a.code, a.raw)
+	}
+	// Off by default: a JSON 404.
+	want(t, "profiling off", start(t).unix(t, http.MethodGet, "/debug/pprof/", ""), http.StatusNotFound, "")
+}

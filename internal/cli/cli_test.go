@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -328,7 +329,7 @@ func TestEndToEnd(t *testing.T) {
 	// Health checks off: the backends 127.0.1.x do not exist, and probes
 	// would mark them down. The TCP API allows loopback by default.
 	tc := testConfig{imap: imapAddr, pop3: pop3Addr, socket: sock,
-		admin:    fmt.Sprintf("listen = %q\ntoken = %q\n", adminAddr, e2eToken),
+		admin:    fmt.Sprintf("listen = %q\ntoken = %q\nprofiling = true\n", adminAddr, e2eToken),
 		sections: "\n[health]\nenabled = false\n"}
 	cfgPath := writeConfig(t, dir, tc)
 	cfg, err := config.Load(cfgPath)
@@ -481,10 +482,44 @@ func TestEndToEnd(t *testing.T) {
 	testClientCommands(t, sock)
 	// The TCP API: token and allow list, also after a reload.
 	testTCPAPI(t, sock, adminAddr, logs, func(admin string) {
-		tc.admin = admin
+		tc.admin = admin + "profiling = true\n"
 		writeConfig(t, dir, tc)
 		reload <- struct{}{}
 	})
+
+	// [admin] profiling serves Go's profiles on the socket; turning it off
+	// needs a restart, so a reload that tries is refused and changes nothing.
+	pprofGet := func() (int, string) {
+		t.Helper()
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", sock)
+			},
+		}}
+		resp, err := hc.Get("http://usher/debug/pprof/goroutine?debug=1")
+		if err != nil {
+			t.Fatalf("GET /debug/pprof/goroutine: %v", err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := pprofGet(); code != 200 || !strings.Contains(body, "goroutine profile:") {
+		t.Errorf("goroutine profile with profiling = true: %d %.100q", code, body)
+	}
+	tc.admin = strings.Replace(tc.admin, "profiling = true", "profiling = false", 1)
+	writeConfig(t, dir, tc)
+	reload <- struct{}{}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), "admin.profiling changed"); {
+		if time.Now().After(deadline) {
+			t.Fatal("no log line refusing the profiling change")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if code, _ := pprofGet(); code != 200 {
+		t.Errorf("profiles no longer served after a refused reload: %d", code)
+	}
 
 	// A second usher on the same socket is refused and leaves the first alone.
 	cfg2 := *cfg
