@@ -62,6 +62,7 @@ func (o *BackendOptions) dial(ctx context.Context, ip netip.Addr, s *Session) (n
 	if err != nil {
 		return nil, fmt.Errorf("dial backend %s: %w", addr, err)
 	}
+	c = wrapConn(c)
 	if o.SendProxy != "" {
 		if s == nil {
 			s = &Session{} // a health probe: a LOCAL header, no client

@@ -91,8 +91,8 @@ func TestDialPlain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, ok := c.(*net.TCPConn); !ok {
-		t.Errorf("plaintext Dial returned %T, want *net.TCPConn (so Splice can use splice(2))", c)
+	if _, ok := unwrapConn(c).(*net.TCPConn); !ok {
+		t.Errorf("plaintext Dial returned %T, want a *net.TCPConn under it (so Splice can use splice(2))", c)
 	}
 	_ = c.SetDeadline(time.Now().Add(ioTimeout))
 	if l := readLine(t, c); l != "+OK pop3\r\n" {
@@ -106,8 +106,8 @@ func TestDialPlain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c2.Close()
-	if _, ok := c2.(*net.TCPConn); !ok {
-		t.Errorf("starttls Dial returned %T, want the plain *net.TCPConn", c2)
+	if _, ok := unwrapConn(c2).(*net.TCPConn); !ok {
+		t.Errorf("starttls Dial returned %T, want the plain *net.TCPConn under it", c2)
 	}
 }
 

@@ -4,7 +4,7 @@ package proxy
 
 import (
 	"net"
-	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -18,13 +18,16 @@ import (
 // answer until the delayed ACK. c may be a TLS connection's TCP socket; for
 // anything but a TCP socket AckNow does nothing.
 func AckNow(c net.Conn) {
-	tc, ok := c.(*net.TCPConn)
+	tc, ok := unwrapConn(c).(*net.TCPConn)
 	if !ok {
 		return
 	}
 	if rc, err := tc.SyscallConn(); err == nil {
 		_ = rc.Control(func(fd uintptr) {
-			_ = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, unix.TCP_QUICKACK, 1)
+			// Raw, like the reads and writes around it (rawconn_linux.go).
+			one := int32(1)
+			unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK,
+				uintptr(unsafe.Pointer(&one)), unsafe.Sizeof(one), 0)
 		})
 	}
 }

@@ -347,7 +347,7 @@ func (s *Server) accept(ln net.Listener, spec ListenerSpec) {
 		}
 		delay = 0
 		s.sessions.Add(1) // done when the session ends (handle, or the Relay later)
-		go s.handle(s.sessCtx, c, spec)
+		go s.handle(s.sessCtx, wrapConn(c), spec)
 	}
 }
 
@@ -446,13 +446,21 @@ func (p *prefixConn) Read(b []byte) (int, error) {
 	return p.Conn.Read(b)
 }
 
-// unwrapConn returns the socket under c once nothing is left in front of
-// it, so that the Relay can take it; else c.
+// unwrapConn returns the socket under usher's own wrappers: under a
+// prefixConn once nothing is left in front of it, and under a rawConn; so
+// that the Relay can take it and io.Copy splice it. Anything else (TLS, a
+// prefix still pending) is returned as it is.
 func unwrapConn(c net.Conn) net.Conn {
-	if p, ok := c.(*prefixConn); ok && p.pre.Len() == 0 {
-		return p.Conn
+	for {
+		if p, ok := c.(*prefixConn); ok && p.pre.Len() == 0 {
+			c = p.Conn
+			continue
+		}
+		var ok bool
+		if c, ok = unwrapRaw(c); !ok {
+			return c
+		}
 	}
-	return c
 }
 
 func (s *Server) handle(ctx context.Context, c net.Conn, spec ListenerSpec) {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -201,6 +202,14 @@ func TestSessionFieldsAndTrusted(t *testing.T) {
 		}
 		if s.Log == nil || s.Start.IsZero() {
 			t.Error("Log or Start not set")
+		}
+		// The handler gets the socket with raw reads and writes
+		// (rawconn_linux.go) where there are such; the socket under it.
+		if _, ok := unwrapConn(s.Conn).(*net.TCPConn); !ok {
+			t.Errorf("Conn = %T, want a *net.TCPConn under it", s.Conn)
+		}
+		if _, raw := unwrapRaw(s.Conn); raw != (runtime.GOOS == "linux") {
+			t.Errorf("Conn = %T: raw wrapper %v on %s", s.Conn, raw, runtime.GOOS)
 		}
 		c.Close()
 	}

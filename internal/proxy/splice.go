@@ -46,14 +46,16 @@ func Splice(ctx context.Context, s *Session, client net.Conn, clientPending []by
 			return "client write failed"
 		}
 	}
+	// From here on the sockets themselves (a PROXY-protocol client once the
+	// bytes that came with the header are consumed), so that the Relay can
+	// take them and io.Copy splice them.
+	client, backend = unwrapConn(client), unwrapConn(backend)
 	// Splice has no per-read deadlines; the copies end on EOF, on error or when
 	// the connections are closed below.
 	_ = client.SetDeadline(noDeadline)
 	_ = backend.SetDeadline(noDeadline)
 	if s.relay != nil && s.finish != nil && lease != nil {
-		// A PROXY-protocol client is a plain socket once the bytes that
-		// came with the header are consumed.
-		if c := unwrapConn(client); relayable(c) && relayable(backend) && relay(ctx, s, c, backend, lease) {
+		if relayable(client) && relayable(backend) && relay(ctx, s, client, backend, lease) {
 			return ""
 		}
 	}
