@@ -126,6 +126,8 @@ type UsherConfig struct {
 	AdminListen string
 	AdminToken  string
 	AdminAllow  []string
+	// AdminProfiling is [admin] profiling (Go's profiles on the socket).
+	AdminProfiling bool
 	// Tables is TOML appended at the very end, e.g. "[health]\ninterval = \"500ms\"".
 	Tables string
 	// Services are further service sections ([lmtp], [managesieve], or
@@ -244,6 +246,9 @@ func (c UsherConfig) TOML() string {
 			quoted[i] = q(a)
 		}
 		fmt.Fprintf(&sb, "allow = [%s]\n", strings.Join(quoted, ", "))
+	}
+	if c.AdminProfiling {
+		sb.WriteString("profiling = true\n")
 	}
 	if len(c.Tags) > 0 {
 		sb.WriteString("\n[tags]\n")

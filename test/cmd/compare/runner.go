@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -50,6 +51,9 @@ type target struct {
 	proxyRoots func() []int
 	// restart gives the proxy fresh processes (before an idle run).
 	restart func() error
+	// pprofSocket is the admin socket serving Go's profiles ([admin]
+	// profiling; usher only).
+	pprofSocket string
 }
 
 // addrFor is where user's sessions of proto go.
@@ -89,7 +93,8 @@ func makeTargets(dir string, b *test.Backends, u *test.Usher, d *director, o opt
 		addrs: map[string][]string{
 			"imap": {u.IMAPAddr()}, "pop3": {u.POP3Addr()}, "lmtp": u.Listeners("lmtp"),
 		},
-		proxyRoots: func() []int { return []int{u.PID()} },
+		proxyRoots:  func() []int { return []int{u.PID()} },
+		pprofSocket: u.Socket(),
 		restart: func() error {
 			if err := u.Stop(); err != nil {
 				return err
@@ -595,9 +600,11 @@ func loadAvg() string {
 }
 
 // profile runs w against t once more, unmeasured, while `perf record`
-// samples the proxy's processes (usher has no profiling endpoint), and
-// writes the hottest symbols, self and cumulative, to
-// outDir/perf-TARGET-WORKLOAD.txt.
+// samples the proxy's processes, and writes the hottest symbols, self and
+// cumulative, to outDir/perf-TARGET-WORKLOAD.txt; for usher it also takes a
+// Go CPU profile from its admin socket meanwhile (pprof-usher-WORKLOAD.txt).
+// perf sees the kernel's share and the runtime's threads, pprof names the
+// Go call paths.
 func (r *runner) profile(ctx context.Context, w workload, t *target, dur time.Duration, tmp string) (string, error) {
 	if t.proxyRoots == nil {
 		return "", fmt.Errorf("profile %s: no proxy process", t.name)
@@ -624,7 +631,22 @@ func (r *runner) profile(ctx context.Context, w workload, t *target, dur time.Du
 	if err := rec.Start(); err != nil {
 		return "", fmt.Errorf("profile %s: perf record: %w", t.name, err)
 	}
+	var goProf chan error
+	goProfFile := filepath.Join(tmp, fmt.Sprintf("pprof-%s-%s.pb.gz", t.name, w.key))
+	if t.pprofSocket != "" {
+		goProf = make(chan error, 1)
+		go func() { goProf <- fetchCPUProfile(pctx, t.pprofSocket, dur, goProfFile) }()
+	}
 	_, _, toolErr := execTool(ctx, r.tool, r.args(w, t, dur, nil), dur+3*time.Minute)
+	if goProf != nil {
+		if err := <-goProf; err != nil {
+			r.log.Warn("no Go profile", "target", t.name, "err", err)
+		} else if p, err := r.writeGoProfile(ctx, goProfFile, t, w); err != nil {
+			r.log.Warn("no Go profile report", "target", t.name, "err", err)
+		} else {
+			r.log.Info("profile written", "workload", w.key, "target", t.name, "file", p)
+		}
+	}
 	if err := rec.Wait(); err != nil {
 		return "", fmt.Errorf("profile %s: perf record: %w: %s", t.name, err, bytes.TrimSpace(recOut.Bytes()))
 	}
@@ -654,6 +676,66 @@ func (r *runner) profile(ctx context.Context, w workload, t *target, dur time.Du
 	p := filepath.Join(r.outDir, fmt.Sprintf("perf-%s-%s.txt", t.name, w.key))
 	if err := os.WriteFile(p, report.Bytes(), 0o644); err != nil {
 		return "", fmt.Errorf("profile %s: %w", t.name, err)
+	}
+	return p, nil
+}
+
+// fetchCPUProfile takes a Go CPU profile of dur from the admin socket's
+// /debug/pprof/profile ([admin] profiling) and writes it to out.
+func fetchCPUProfile(ctx context.Context, socket string, dur time.Duration, out string) error {
+	hc := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+	}}
+	url := fmt.Sprintf("http://usher/debug/pprof/profile?seconds=%d", max(int(dur.Seconds()), 1))
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("CPU profile: %s: %s", resp.Status, truncate(body, 200))
+	}
+	return os.WriteFile(out, body, 0o644)
+}
+
+// writeGoProfile turns a Go CPU profile into outDir/pprof-TARGET-WORKLOAD.txt
+// with `go tool pprof -top`, self and cumulative.
+func (r *runner) writeGoProfile(ctx context.Context, prof string, t *target, w workload) (string, error) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return "", fmt.Errorf("go tool pprof: %w", err)
+	}
+	var report bytes.Buffer
+	fmt.Fprintf(&report, "Go CPU profile of %s (its admin socket's /debug/pprof/profile) during `usher bench %s`, %s\n",
+		t.name, w.key, time.Now().UTC().Format(time.RFC3339))
+	for _, mode := range []struct{ title, flag string }{
+		{"self time", "-top"},
+		{"cumulative time", "-cum"},
+	} {
+		args := []string{"tool", "pprof", "-top", "-nodecount=40"}
+		if mode.flag == "-cum" {
+			args = append(args, "-cum")
+		}
+		out, err := exec.CommandContext(ctx, goBin, append(args, prof)...).CombinedOutput()
+		if err != nil {
+			return "", fmt.Errorf("go tool pprof: %w: %s", err, truncate(out, 300))
+		}
+		fmt.Fprintf(&report, "\n== %s\n%s", mode.title, out)
+	}
+	p := filepath.Join(r.outDir, fmt.Sprintf("pprof-%s-%s.txt", t.name, w.key))
+	if err := os.WriteFile(p, report.Bytes(), 0o644); err != nil {
+		return "", err
 	}
 	return p, nil
 }

@@ -450,6 +450,7 @@ func usherConfig(host string, imapPort, pop3Port, lmtpPort int, dir string, back
 		Socket:           filepath.Join(dir, "admin.sock"),
 		StateFile:        filepath.Join(dir, "state.json"),
 		MaxSessionsPerIP: 1000000,
+		AdminProfiling:   true, // --profile also takes a Go CPU profile
 		Services: []test.UsherService{
 			{Name: "lmtp", Listeners: []test.UsherListener{{Address: hp(lmtpPort)}}},
 		},
