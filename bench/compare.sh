@@ -6,7 +6,7 @@
 #
 # It installs the Debian packages (test/scripts/install-deps.sh), builds
 # bin/usher and bin/usher-compare, runs the comparison, and writes
-# bench/results/ (results.json, results.md, warnings.log, perf-*.txt),
+# bench/results/ (results.json, results.md, warnings.log, perf-*.txt, pprof-*.txt),
 # docs/benchmark.png and the results section of docs/BENCHMARKS.md.
 #
 # Arguments go to test/cmd/compare, e.g. `bench/compare.sh --rounds 5
