@@ -601,8 +601,8 @@ func loadAvg() string {
 
 // profile runs w against t once more, unmeasured, while `perf record`
 // samples the proxy's processes, and writes the hottest symbols, self and
-// cumulative, to outDir/perf-TARGET-WORKLOAD.txt; for usher it also takes a
-// Go CPU profile from its admin socket meanwhile (pprof-usher-WORKLOAD.txt).
+// cumulative, to outDir/perf-TARGET-WORKLOAD.txt; for usher it then runs w
+// once more for a Go CPU profile from its admin socket (goProfile).
 // perf sees the kernel's share and the runtime's threads, pprof names the
 // Go call paths.
 func (r *runner) profile(ctx context.Context, w workload, t *target, dur time.Duration, tmp string) (string, error) {
@@ -631,22 +631,7 @@ func (r *runner) profile(ctx context.Context, w workload, t *target, dur time.Du
 	if err := rec.Start(); err != nil {
 		return "", fmt.Errorf("profile %s: perf record: %w", t.name, err)
 	}
-	var goProf chan error
-	goProfFile := filepath.Join(tmp, fmt.Sprintf("pprof-%s-%s.pb.gz", t.name, w.key))
-	if t.pprofSocket != "" {
-		goProf = make(chan error, 1)
-		go func() { goProf <- fetchCPUProfile(pctx, t.pprofSocket, dur, goProfFile) }()
-	}
 	_, _, toolErr := execTool(ctx, r.tool, r.args(w, t, dur, nil), dur+3*time.Minute)
-	if goProf != nil {
-		if err := <-goProf; err != nil {
-			r.log.Warn("no Go profile", "target", t.name, "err", err)
-		} else if p, err := r.writeGoProfile(ctx, goProfFile, t, w); err != nil {
-			r.log.Warn("no Go profile report", "target", t.name, "err", err)
-		} else {
-			r.log.Info("profile written", "workload", w.key, "target", t.name, "file", p)
-		}
-	}
 	if err := rec.Wait(); err != nil {
 		return "", fmt.Errorf("profile %s: perf record: %w: %s", t.name, err, bytes.TrimSpace(recOut.Bytes()))
 	}
@@ -677,7 +662,34 @@ func (r *runner) profile(ctx context.Context, w workload, t *target, dur time.Du
 	if err := os.WriteFile(p, report.Bytes(), 0o644); err != nil {
 		return "", fmt.Errorf("profile %s: %w", t.name, err)
 	}
+	if t.pprofSocket != "" {
+		// A run of its own: the Go profiler's signals would show in perf's.
+		if gp, err := r.goProfile(ctx, w, t, dur, tmp); err != nil {
+			r.log.Warn("no Go profile", "target", t.name, "workload", w.key, "err", err)
+		} else {
+			r.log.Info("profile written", "workload", w.key, "target", t.name, "file", gp)
+		}
+	}
 	return p, nil
+}
+
+// goProfile runs w against t once more while taking a Go CPU profile from
+// t's admin socket, and writes go tool pprof's top to
+// outDir/pprof-TARGET-WORKLOAD.txt.
+func (r *runner) goProfile(ctx context.Context, w workload, t *target, dur time.Duration, tmp string) (string, error) {
+	file := filepath.Join(tmp, fmt.Sprintf("pprof-%s-%s.pb.gz", t.name, w.key))
+	pctx, cancel := context.WithTimeout(ctx, dur+time.Minute)
+	defer cancel()
+	got := make(chan error, 1)
+	go func() { got <- fetchCPUProfile(pctx, t.pprofSocket, dur, file) }()
+	_, _, toolErr := execTool(ctx, r.tool, r.args(w, t, dur, nil), dur+3*time.Minute)
+	if err := <-got; err != nil {
+		return "", err
+	}
+	if toolErr != nil {
+		return "", toolErr
+	}
+	return r.writeGoProfile(ctx, file, t, w)
 }
 
 // fetchCPUProfile takes a Go CPU profile of dur from the admin socket's
