@@ -3,8 +3,6 @@ package imap
 import (
 	"context"
 	"errors"
-	"io"
-	"net"
 	"os"
 
 	"github.com/usher-mail/usher/internal/prelogin"
@@ -83,18 +81,10 @@ func replyFor(err error) reply {
 	case errors.Is(err, prelogin.ErrIdle), errors.Is(err, os.ErrDeadlineExceeded):
 		// RFC 9051 section 7.1.5 (BYE) example text.
 		return reply{status: "BYE", text: "Autologout; idle for too long", close: true, reason: "idle timeout"}
-	case errors.Is(err, prelogin.ErrClientWrite):
-		return reply{close: true, reason: "client write failed"}
-	case errors.Is(err, prelogin.ErrClientGone), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
-		errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrClosedPipe):
-		return reply{close: true, reason: "client closed"}
 	}
-	var end *prelogin.SessionEnd
-	if errors.As(err, &end) {
-		return reply{close: true, reason: end.Reason}
-	}
-	// A read error not listed above (connection reset, ...).
-	return reply{close: true, reason: "client read failed"}
+	// The session ends without a reply: the client is gone, or a command
+	// ended it.
+	return reply{close: true, reason: prelogin.EndReason(err)}
 }
 
 // format renders r as one response line (without CRLF) for tag ("" when the

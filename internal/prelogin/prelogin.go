@@ -1,12 +1,15 @@
 // Package prelogin holds what the pre-login state machines of IMAP and
 // ManageSieve share: the errors a session can fail or end with before it is
-// spliced. Each protocol maps them to its own responses in one place (its
-// replyFor); this package says nothing about wire formats.
+// spliced, and the end reason of those that get no reply (EndReason). Each
+// protocol maps them to its own responses in one place (its replyFor); this
+// package says nothing about wire formats.
 package prelogin
 
 import (
 	"context"
 	"errors"
+	"io"
+	"net"
 
 	"github.com/usher-mail/usher/internal/proxy"
 )
@@ -48,4 +51,24 @@ func ShutdownErr(ctx context.Context) error {
 		return ErrLoginTimeout
 	}
 	return ErrShutdown
+}
+
+// EndReason is the end reason of a session whose error gets no reply: the
+// client went away (ErrClientGone, end of file, a closed connection), a
+// write to it failed (ErrClientWrite), or a command ended the session
+// (SessionEnd, whose Reason it is); any other error is a failed read
+// (connection reset, ...). Each protocol's replyFor calls it after the errors
+// it answers.
+func EndReason(err error) string {
+	var end *SessionEnd
+	switch {
+	case errors.Is(err, ErrClientWrite):
+		return "client write failed"
+	case errors.Is(err, ErrClientGone), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrClosedPipe):
+		return "client closed"
+	case errors.As(err, &end):
+		return end.Reason
+	}
+	return "client read failed"
 }

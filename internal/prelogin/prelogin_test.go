@@ -3,6 +3,10 @@ package prelogin
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"net"
+	"syscall"
 	"testing"
 
 	"github.com/usher-mail/usher/internal/proxy"
@@ -18,5 +22,26 @@ func TestShutdownErr(t *testing.T) {
 	cancel(nil)
 	if err := ShutdownErr(ctx); !errors.Is(err, ErrShutdown) {
 		t.Errorf("cancelled: %v, want ErrShutdown", err)
+	}
+}
+
+func TestEndReason(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want string
+	}{
+		{fmt.Errorf("write reply: %w", ErrClientWrite), "client write failed"},
+		{ErrClientGone, "client closed"},
+		{fmt.Errorf("read: %w", io.EOF), "client closed"},
+		{io.ErrUnexpectedEOF, "client closed"},
+		{&net.OpError{Op: "read", Err: net.ErrClosed}, "client closed"},
+		{io.ErrClosedPipe, "client closed"},
+		{fmt.Errorf("login: %w", &SessionEnd{Reason: "logout"}), "logout"},
+		{&net.OpError{Op: "read", Err: syscall.ECONNRESET}, "client read failed"},
+		{errors.New("something else"), "client read failed"},
+	} {
+		if got := EndReason(c.err); got != c.want {
+			t.Errorf("EndReason(%v) = %q, want %q", c.err, got, c.want)
+		}
 	}
 }
