@@ -20,7 +20,7 @@ import (
 // enough lets it hand the processor to another thread. A director spends
 // its login phase in short bursts of a few small reads and writes between
 // idle gaps, so that is several wake-ups per login; raw calls leave out the
-// ones these reads and writes caused (measured: 8 % less CPU and 13 % fewer
+// ones these reads and writes caused (measured: 11 % less CPU and 14 % fewer
 // context switches per proxied IMAP login, docs/BENCHMARKS.md).
 //
 // Every other method is the socket's own. Splice and AckNow look through
